@@ -1,0 +1,186 @@
+"""ModelConfig: the architecture as data, its named presets, and the values derived from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..configio import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    read_mapping,
+    to_dict,
+    unknown_name_message,
+    write_mapping,
+)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "custom"  # the preset this config started from; recorded in bundles and model cards
+    vocab_size: int = 512  # must equal the tokenizer's vocabulary size
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # number of blocks
+    n_heads: int = 4  # heads of the token mixer (SLA or softmax attention)
+    n_kv_heads: int = 0  # softmax layers only: key/value heads for GQA; 0 means n_heads (plain MHA)
+    head_dim: int = 0  # 0 means d_model // n_heads
+    # Which mixer each layer uses, repeated over the depth: S = Selective Linear Attention,
+    # A = softmax attention. "S" is pure Apertis, "A" a Transformer, "SSSA" a hybrid.
+    layer_pattern: str = "S"
+    max_seq_len: int = 512  # training context length; generation may run past it on SLA layers
+
+    # Selective Linear Attention
+    sla_chunk_size: int = 64  # chunk length of the parallel form: cost O(T*C), no T x T matrix
+    sla_conv_size: int = 4  # short causal depthwise conv on q/k/v (0 = off); sharpens local patterns
+
+    # Softmax attention
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: float = 1.0  # >1 stretches RoPE positions (linear interpolation) for longer contexts
+    qk_norm: bool = False  # RMS-normalise queries and keys per head; steadies training at higher lr
+    sliding_window: int = 0  # attend to at most this many most recent tokens (0 = full causal)
+    nope_layers: list[int] = field(default_factory=list)  # softmax layers that use no positions (NoPE)
+
+    # Feed-forward
+    ffn_type: Literal["swiglu", "geglu"] = "swiglu"  # gated FFN variant
+    ffn_hidden: int = 0  # hidden width of the dense FFN; 0 means 8/3 * d_model rounded up to 64
+
+    # Adaptive Expert System (mixture of experts); n_experts = 0 keeps every FFN dense
+    n_experts: int = 0  # routed experts per AES layer
+    n_shared_experts: int = 1  # always-on experts every token passes through
+    expert_hidden: int = 0  # hidden width of each expert; 0 means ffn_hidden // (moe_top_k + n_shared)
+    moe_every: int = 1  # every Nth layer (counting from the last) uses AES instead of a dense FFN
+    moe_routing: Literal["topk", "dynamic"] = "topk"  # fixed k, or experts until moe_threshold is reached
+    moe_top_k: int = 2  # experts per token for top-k routing; the cap for dynamic routing
+    moe_threshold: float = 0.7  # dynamic routing: cumulative router probability to reach
+    router_noise: float = 0.0  # std of Gaussian noise on router logits in training (exploration)
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in out.aux_loss
+    moe_z_loss_coef: float = 0.001  # weight of the router z-loss (keeps router logits small)
+
+    # State Tracking Recurrent Cell
+    strc_every: int = 0  # every Nth layer (counting from the last) adds an STRC sub-block; 0 = none
+    strc_hidden: int = 0  # width of the recurrent state; 0 means d_model
+
+    # Unified Multimodal Encoder (images); "none" builds a text-only model
+    image_encoder: Literal["none", "vit", "resnet18", "resnet34", "resnet50"] = "none"
+    image_patch_size: int = 16  # pixels per patch side (ViT); images are padded to the patch grid
+    image_max_patches: int = 64  # cap on patches per image: larger images are downscaled, aspect kept
+    image_encoder_layers: int = 2  # bidirectional transformer blocks in the ViT patch encoder
+    image_encoder_width: int = 0  # ViT width; 0 means d_model
+    image_pretrained: bool = False  # torchvision backbones: load ImageNet weights if already cached
+    image_token_id: int = -1  # the tokenizer's <image> id; image patch embeddings replace these positions
+
+    # Embeddings, norms and init
+    tie_embeddings: bool = True  # share input embedding and output head (fewer parameters)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # std of weight init; residual output projections get std / sqrt(2 * n_layers)
+    dropout: float = 0.0  # dropout on the residual branches during training
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        """Names accepted by `from_preset`."""
+        return list(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(unknown_name_message(name, list(PRESETS), "model", noun="preset"))
+        config = from_dict(cls, {"preset": name, **PRESETS[name]})
+        return apply_overrides(config, overrides) if overrides else config.validated()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A mapping as stored in config.json/YAML; a `preset` key supplies defaults for absent fields."""
+        data = dict(data)
+        name = data.get("preset", "custom")
+        base = dict(PRESETS.get(name, {}))
+        base.update(data)
+        return from_dict(cls, base).validated()
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(read_mapping(path))
+
+    def save(self, path: str | Path) -> None:
+        write_mapping(self.to_dict(), path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def override(self, overrides: dict[str, Any] | list[str]) -> ModelConfig:
+        return apply_overrides(self, overrides).validated()
+
+    def __post_init__(self) -> None:
+        self.validated()
+
+    def validated(self) -> ModelConfig:
+        """Raise ConfigError naming the field if the combination cannot build a model."""
+        checks = [
+            (self.vocab_size > 0, "vocab_size must be positive"),
+            (self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0, "d_model, n_layers, n_heads must be positive"),
+            (self.head_dim > 0 or self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads (or set head_dim)"),
+            (self.kv_heads() > 0 and self.n_heads % self.kv_heads() == 0, "n_heads must be a multiple of n_kv_heads"),
+            (bool(self.layer_pattern) and set(self.layer_pattern) <= {"S", "A"}, "layer_pattern uses only S (SLA) and A (attention)"),
+            (self.sla_chunk_size > 0, "sla_chunk_size must be positive"),
+            (self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts, "moe_top_k must be between 1 and n_experts"),
+            (0.0 < self.moe_threshold <= 1.0, "moe_threshold must be in (0, 1]"),
+            (self.moe_every >= 1 and self.strc_every >= 0, "moe_every must be >= 1 and strc_every >= 0"),
+            (self.sliding_window >= 0, "sliding_window must be >= 0"),
+            (all(0 <= i < self.n_layers for i in self.nope_layers), "nope_layers must index existing layers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"model config: {message}")
+        return self
+
+    # Derived values are functions so they follow any override of the fields they depend on.
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def mixer_kind(self, layer: int) -> str:
+        return self.layer_pattern[layer % len(self.layer_pattern)]
+
+    def dense_hidden(self) -> int:
+        return self.ffn_hidden or _round_up(int(self.d_model * 8 / 3), 64)
+
+    def expert_width(self) -> int:
+        return self.expert_hidden or max(16, self.dense_hidden() // (self.moe_top_k + self.n_shared_experts))
+
+    def uses_experts(self, layer: int) -> bool:
+        return self.n_experts > 0 and (self.n_layers - 1 - layer) % self.moe_every == 0
+
+    def uses_strc(self, layer: int) -> bool:
+        return self.strc_every > 0 and (self.n_layers - 1 - layer) % self.strc_every == 0
+
+    def strc_width(self) -> int:
+        return self.strc_hidden or self.d_model
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+_APERTIS = dict(layer_pattern="S", n_experts=8, moe_top_k=2, n_shared_experts=1, moe_every=2, strc_every=4)
+_LLAMA = dict(layer_pattern="A", n_experts=0, strc_every=0, sla_conv_size=0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few million parameters: trains in minutes on a laptop CPU.
+    "apertis-nano": dict(_APERTIS, d_model=256, n_layers=4, n_heads=4, n_experts=4, max_seq_len=256),
+    "apertis-small": dict(_APERTIS, d_model=512, n_layers=8, n_heads=8, max_seq_len=1024),
+    "apertis-base": dict(_APERTIS, d_model=768, n_layers=12, n_heads=12, max_seq_len=2048),
+    "apertis-large": dict(_APERTIS, d_model=1024, n_layers=24, n_heads=16, max_seq_len=4096),
+    # Mostly SLA, one softmax-attention layer in four for exact recall.
+    "apertis-hybrid-nano": dict(_APERTIS, layer_pattern="SSSA", d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=4, max_seq_len=256),
+    "apertis-hybrid-small": dict(_APERTIS, layer_pattern="SSSA", d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
+    # Llama-style baselines: RoPE, GQA, SwiGLU, RMSNorm.
+    "transformer-nano": dict(_LLAMA, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "transformer-small": dict(_LLAMA, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
+}
