@@ -1,0 +1,205 @@
+"""The built-in demo data: a Sort-of-CLEVR-style set of coloured-shape scenes with captions and questions.
+
+Deterministic by seed: the same arguments write byte-identical files. Each scene has one object per
+colour (as in Sort-of-CLEVR), so "the red object" is always unambiguous. Questions are non-relational
+("kind": "nonrel": one named object's shape, side, or the colour of a shape present once) or relational
+("kind": "rel": the object closest to / farthest from a named one, how many share its shape); the extra
+"kind" and "qtype" fields let a benchmark score them separately and are ignored by the data loader.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ..fileio import atomic_write_text
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 200, 0),
+    "blue": (0, 0, 255),
+    "orange": (255, 150, 0),
+    "gray": (128, 128, 128),
+    "yellow": (230, 210, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    x: int  # centre, pixels from the left edge
+    y: int  # centre, pixels from the top edge
+
+
+@dataclass(frozen=True)
+class Scene:
+    size: int  # the canvas is size x size pixels
+    radius: int  # half the side of each object's bounding box
+    objects: tuple[Shape, ...]
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: str  # a single word
+    kind: str  # "nonrel" or "rel"
+    qtype: str  # shape, hpos, vpos, colour, closest_shape, closest_colour, farthest_shape, farthest_colour, count
+
+
+def make_scene(rng: random.Random, size: int = 64, n_objects: int = 6, radius: int = 0) -> Scene:
+    """Random non-overlapping objects, each a different colour; radius 0 means about size / 13."""
+    if not 1 <= n_objects <= len(COLOURS):
+        raise ValueError(f"n_objects must be between 1 and {len(COLOURS)}, got {n_objects}")
+    radius = radius or max(2, round(size / 13))
+    colours = rng.sample(list(COLOURS), n_objects)
+    objects: list[Shape] = []
+    for _ in range(10_000):  # rejection sampling; a canvas too small to fit them all must not hang
+        x, y = rng.randint(radius, size - 1 - radius), rng.randint(radius, size - 1 - radius)
+        # Bounding boxes at least 2 px apart, so no object hides part of another.
+        if all(max(abs(x - o.x), abs(y - o.y)) > 2 * radius + 2 for o in objects):
+            objects.append(Shape(colours[len(objects)], rng.choice(SHAPES), x, y))
+            if len(objects) == n_objects:
+                return Scene(size, radius, tuple(objects))
+    raise ValueError(f"could not place {n_objects} objects of radius {radius} apart on a {size}px canvas; use a larger size")
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as a PIL RGB image (no anti-aliasing, so colours are exact and output is deterministic)."""
+    img = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    r = scene.radius
+    for o in scene.objects:
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse([o.x - r, o.y - r, o.x + r, o.y + r], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([o.x - r, o.y - r, o.x + r, o.y + r], fill=fill)
+        else:
+            draw.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
+    return img
+
+
+def side(scene: Scene, o: Shape) -> tuple[str, str]:
+    """("top" | "bottom", "left" | "right") of an object's centre relative to the canvas centre."""
+    half = scene.size / 2
+    return ("top" if o.y < half else "bottom"), ("left" if o.x < half else "right")
+
+
+def caption(scene: Scene) -> str:
+    parts = [f"{_article(o.colour)} {o.colour} {o.shape} at the {' '.join(side(scene, o))}" for o in scene.objects]
+    return ", ".join(parts)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def questions(scene: Scene) -> list[Question]:
+    """Every question with an unambiguous answer, in a fixed order (callers sample from it)."""
+    found: list[Question] = []
+    shape_counts = {s: sum(o.shape == s for o in scene.objects) for s in SHAPES}
+    for o in scene.objects:
+        vertical, horizontal = side(scene, o)
+        the = f"the {o.colour} object"
+        found += [
+            Question(f"What shape is {the}?", o.shape, "nonrel", "shape"),
+            Question(f"Is {the} on the left or right?", horizontal, "nonrel", "hpos"),
+            Question(f"Is {the} at the top or bottom?", vertical, "nonrel", "vpos"),
+        ]
+        if shape_counts[o.shape] == 1:
+            found.append(Question(f"What colour is the {o.shape}?", o.colour, "nonrel", "colour"))
+        found += _relational(scene, o, the)
+        found.append(Question(f"How many objects have the same shape as {the}?", str(shape_counts[o.shape]), "rel", "count"))
+    return found
+
+
+def _relational(scene: Scene, o: Shape, the: str) -> list[Question]:
+    others = sorted((math.dist((o.x, o.y), (p.x, p.y)), i) for i, p in enumerate(scene.objects) if p is not o)
+    if len(others) < 2:
+        return []  # with one other object "closest" and "farthest" are the same, and zero is meaningless
+    found = []
+    for word, qword, first, second in (("closest", "to", others[0], others[1]), ("farthest", "from", others[-1], others[-2])):
+        if first[0] == second[0]:
+            continue  # a tie would make the answer ambiguous
+        target = scene.objects[first[1]]
+        found += [
+            Question(f"What shape is the object {word} {qword} {the}?", target.shape, "rel", f"{word}_shape"),
+            Question(f"What colour is the object {word} {qword} {the}?", target.colour, "rel", f"{word}_colour"),
+        ]
+    return found
+
+
+def _question_record(image: str, q: Question) -> dict:
+    return {
+        "image": image,
+        "messages": [{"role": "user", "content": f"<image>\n{q.question}"}, {"role": "assistant", "content": q.answer}],
+        "kind": q.kind,
+        "qtype": q.qtype,
+    }
+
+
+def generate_shapes(
+    out_dir: str | Path,
+    n: int = 2000,
+    seed: int = 0,
+    image_size: int = 64,
+    heldout_fraction: float = 0.1,
+    questions_per_kind: int = 10,
+    n_objects: int = 6,
+) -> dict:
+    """Write images/NNNNNN.png, train.jsonl, test.jsonl and summary.json under out_dir; return the summary.
+
+    The last round(n * heldout_fraction) scenes are held out: test.jsonl asks questions about them only
+    and train.jsonl never shows them. Each scene gets up to questions_per_kind non-relational and as many
+    relational questions (sampled without repeats); train.jsonl also has one caption record per scene.
+    """
+    if n < 1 or not 0.0 <= heldout_fraction < 1.0 or questions_per_kind < 0:
+        raise ValueError("need n >= 1, 0 <= heldout_fraction < 1 and questions_per_kind >= 0")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    n_test = round(n * heldout_fraction)
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for index in range(n):
+        scene = make_scene(rng, image_size, n_objects)
+        image = f"images/{index:06d}.png"
+        # Plain writes: the jsonl files, written atomically last, are what make the images part of the set.
+        (out / image).write_bytes(_png_bytes(render(scene)))
+        split = "test" if index >= n - n_test else "train"
+        records = [_question_record(image, q) for q in _sample(rng, questions(scene), questions_per_kind)]
+        if split == "train":
+            records.insert(0, {"image": image, "text": caption(scene), "kind": "caption"})
+        lines[split] += [json.dumps(r) for r in records]
+    for split, rows in lines.items():
+        atomic_write_text(out / f"{split}.jsonl", "".join(row + "\n" for row in rows))
+    summary = {
+        "seed": seed, "image_size": image_size, "n_objects": n_objects,
+        "scenes": {"train": n - n_test, "test": n_test},
+        "records": {split: len(rows) for split, rows in lines.items()},
+        "files": {"train": "train.jsonl", "test": "test.jsonl"},  # relative to out_dir
+    }  # fmt: skip
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return {**summary, "out_dir": str(out)}
+
+
+def _sample(rng: random.Random, found: list[Question], per_kind: int) -> list[Question]:
+    chosen = []
+    for kind in ("nonrel", "rel"):
+        pool = [q for q in found if q.kind == kind]
+        chosen += rng.sample(pool, min(per_kind, len(pool)))
+    return chosen
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,211 @@
+"""UME, the Unified Multimodal Encoder: images -> patch features (ViT or ResNet) -> tokens of width d_model."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..configio import ConfigError
+from ..model.config import ModelConfig
+from ..model.layers import GatedFFN, RMSNorm
+from .preprocess import patch_grid
+
+# ResNet stage whose output stride equals the patch size: the final feature map of the (truncated)
+# backbone is then exactly the patch grid, so num_image_tokens() holds for every encoder.
+_RESNET_STAGE_FOR_STRIDE = {4: 1, 8: 2, 16: 3, 32: 4}
+
+
+class UnifiedMultimodalEncoder(nn.Module):
+    """forward(images: list of (3, H, W)) -> list of (rows * cols, d_model), one per image, row-major."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.patch_size = cfg.image_patch_size
+        self.max_patches = cfg.image_max_patches
+        if cfg.image_encoder == "vit":
+            self.backbone: nn.Module = ViTPatchEncoder(cfg)
+        elif cfg.image_encoder in ("resnet18", "resnet34", "resnet50"):
+            self.backbone = ResNetPatchEncoder(cfg.image_encoder, cfg.image_patch_size)
+        else:
+            raise ConfigError(f"model config: image_encoder {cfg.image_encoder!r} builds no encoder; use vit or resnet18/34/50")
+        self.projector = nn.Sequential(
+            nn.Linear(self.backbone.out_width, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model)
+        )
+        # Marks tokens as image tokens for the language model, wherever in the text they stand.
+        self.modality = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std)
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not images:
+            return []
+        for i, image in enumerate(images):
+            self._check(i, image)
+        features = self.backbone(images)  # list of (n_i, width)
+        lengths = [f.shape[0] for f in features]
+        tokens = self.projector(torch.cat(features)) + self.modality  # (sum n_i, d_model): one matmul for all
+        return list(tokens.split(lengths))
+
+    def _check(self, index: int, image: torch.Tensor) -> None:
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image {index}: expected a (3, H, W) tensor from preprocess_image, got {shape}")
+        rows, cols = patch_grid(image, self.patch_size)
+        if rows * cols > self.max_patches:
+            raise ValueError(
+                f"image {index}: a {rows}x{cols} patch grid exceeds image_max_patches={self.max_patches}; "
+                "preprocess it with preprocess_image(image, patch_size, max_patches) from the model config"
+            )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def load_pretrained_backbone(self) -> bool:
+        """Load torchvision's ImageNet weights into a ResNet backbone if they are already in the torch hub
+        cache; never downloads. Returns whether weights were loaded, warning when they could not be.
+
+        A separate step, not the constructor, so that building a model (or loading a bundle, whose
+        weights replace these anyway) does no file I/O. Call it once on a freshly built model when
+        cfg.image_pretrained is set.
+        """
+        if not isinstance(self.backbone, ResNetPatchEncoder):
+            warnings.warn("image_pretrained applies to the torchvision backbones (resnet18/34/50) only", stacklevel=2)
+            return False
+        return self.backbone.load_cached_weights()
+
+
+def group_by_size(images: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """Same-size images stacked together: (their indices, (G, 3, H, W)), so a batch needs no padding."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
+
+
+class ViTPatchEncoder(nn.Module):
+    """Conv patchify + learned row and column embeddings + bidirectional pre-norm transformer blocks.
+
+    Positions are learned absolute row and column embeddings (factorised, as in NaViT/Pix2Struct) rather
+    than 2-D RoPE: answers such as "left or right" and "top or bottom" depend on where a patch is in the
+    image, which absolute embeddings state directly while RoPE only gives offsets between patches. The two
+    tables of max_patches entries serve every grid shape up to the patch budget.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width = cfg.image_encoder_width or cfg.d_model
+        if width % cfg.n_heads:
+            raise ConfigError(f"model config: image_encoder_width ({width}) must be divisible by n_heads ({cfg.n_heads})")
+        self.out_width = width
+        self.patchify = nn.Conv2d(3, width, kernel_size=cfg.image_patch_size, stride=cfg.image_patch_size)
+        self.row_embed = nn.Embedding(cfg.image_max_patches, width)
+        self.col_embed = nn.Embedding(cfg.image_max_patches, width)
+        nn.init.normal_(self.row_embed.weight, std=cfg.init_std)
+        nn.init.normal_(self.col_embed.weight, std=cfg.init_std)
+        hidden = -(-int(width * 8 / 3) // 64) * 64  # the usual SwiGLU width, rounded up to 64
+        self.blocks = nn.ModuleList(
+            EncoderBlock(width, cfg.n_heads, hidden, cfg.ffn_type, cfg.norm_eps) for _ in range(cfg.image_encoder_layers)
+        )
+        self.norm = RMSNorm(width, cfg.norm_eps)
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        tokens: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        for idx, batch in group_by_size(images):
+            x = self.patchify(batch)  # (G, W, rows, cols)
+            rows, cols = x.shape[-2:]
+            x = x.flatten(2).transpose(1, 2)  # (G, rows * cols, W), row-major
+            pos = self.row_embed.weight[:rows, None] + self.col_embed.weight[None, :cols]  # (rows, cols, W)
+            x = x + pos.reshape(rows * cols, -1)
+            for j, i in enumerate(idx):
+                tokens[i] = x[j]
+        x, keep = pad_sequences(tokens)  # (B, N, W), (B, N) with True on real patches
+        mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, N): padding is never a key
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        return [x[i, : t.shape[0]] for i, t in enumerate(tokens)]
+
+
+def pad_sequences(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (n_i, W) sequences to (B, N, W), with a (B, N) mask that is True on real entries."""
+    longest = max(s.shape[0] for s in seqs)
+    x = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[1])
+    keep = torch.zeros(len(seqs), longest, dtype=torch.bool, device=x.device)
+    for i, s in enumerate(seqs):
+        x[i, : s.shape[0]] = s
+        keep[i, : s.shape[0]] = True
+    return x, keep
+
+
+class EncoderBlock(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)); attention is bidirectional over the patches."""
+
+    def __init__(self, width: int, n_heads: int, hidden: int, ffn_type: str, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = RMSNorm(width, eps)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.ffn_norm = RMSNorm(width, eps)
+        self.ffn = GatedFFN(width, hidden, ffn_type)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.n_heads, width // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh)
+        x = x + self.out(y.transpose(1, 2).reshape(batch, length, width))  # (B, N, W)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class ResNetPatchEncoder(nn.Module):
+    """A torchvision ResNet cut after the stage whose stride equals the patch size; its feature map is the grid.
+
+    Keeps torchvision's module names (conv1, bn1, layer1, ...) so its ImageNet weights load by name.
+    """
+
+    def __init__(self, name: str, patch_size: int):
+        super().__init__()
+        import torchvision  # heavy; only image models with a ResNet backbone need it
+
+        if patch_size not in _RESNET_STAGE_FOR_STRIDE:
+            raise ConfigError(
+                f"model config: image_patch_size must be one of {sorted(_RESNET_STAGE_FOR_STRIDE)} for {name} "
+                f"(the ResNet stage strides), got {patch_size}"
+            )
+        self.name = name
+        net = getattr(torchvision.models, name)(weights=None)
+        stages = _RESNET_STAGE_FOR_STRIDE[patch_size]
+        names = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{k}" for k in range(1, stages + 1)]
+        self.body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
+        self.out_width = 64 * 2 ** (stages - 1) * type(net.layer1[0]).expansion
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        tokens: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        for idx, batch in group_by_size(images):
+            x = self.body(batch)  # (G, C, rows, cols)
+            x = x.flatten(2).transpose(1, 2)  # (G, rows * cols, C), row-major like the ViT
+            for j, i in enumerate(idx):
+                tokens[i] = x[j]
+        return tokens
+
+    def load_cached_weights(self) -> bool:
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(self.name).DEFAULT
+        # Where torch.hub.load_state_dict_from_url would have saved a download; we only read it.
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not path.is_file():
+            warnings.warn(
+                f"image_pretrained: no cached ImageNet weights for {self.name} at {path}; training the backbone "
+                "from scratch. Place the torchvision file there to use them.",
+                stacklevel=3,
+            )
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no arbitrary pickle
+        own = {k: v for k, v in state.items() if k.split(".")[0] in self.body._modules}
+        self.body.load_state_dict(own, strict=True)
+        return True

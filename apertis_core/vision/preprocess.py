@@ -1,0 +1,163 @@
+"""Image preprocessing for the UME: safe loading, aspect-preserving adaptive resolution, patch grids, augmentation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Above this many pixels a file is refused before decoding: a small PNG can claim 100000 x 100000 pixels
+# and exhaust memory when decoded (a decompression bomb). The same 40 MP as data/images.py, so a file that
+# passes dataset validation always loads here; under PIL's own limit (~89 MP), so our error is the one seen.
+MAX_PIXELS = 40_000_000
+
+# ImageNet statistics: what torchvision's pretrained backbones expect, and harmless for a ViT from scratch.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """An image file that cannot or must not be used; the message names the file and what to do."""
+
+
+@dataclass
+class Augment:
+    """Training-time augmentation. Only photometric by default: flips or crops would change the answers
+    to "left or right" / "top or bottom" questions, and hue shifts would change colour answers."""
+
+    brightness: float = 0.1  # max relative brightness change
+    contrast: float = 0.1  # max relative contrast change
+    saturation: float = 0.1  # max relative saturation change
+    hue: float = 0.0  # max hue shift in [0, 0.5]; 0 keeps colour names true
+    hflip: bool = False  # random horizontal flip; only for data whose text does not mention left/right
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and return an RGB image, or raise ImageError saying what is wrong with the file.
+
+    The size in the header is checked before any pixel is decoded, so a decompression bomb costs nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        with warnings.catch_warnings():
+            # Our own cap below gives the clearer message; PIL's warning would only duplicate it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width <= 0 or height <= 0:
+                    raise ImageError(f"{path}: the image has zero size ({width}x{height}); remove or replace it")
+                if width * height > max_pixels:
+                    raise _bomb_error(path, width, height, max_pixels)
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({error}); resize the image") from error
+    except UnidentifiedImageError as error:
+        raise ImageError(f"{path}: not an image, or a format PIL cannot read; convert it to PNG or JPEG") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for damaged data
+        raise ImageError(f"{path}: truncated or corrupt image ({error}); re-export or remove the file") from error
+
+
+def _bomb_error(path: Path, width: int, height: int, max_pixels: int) -> ImageError:
+    return ImageError(
+        f"{path}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+        "(a possible decompression bomb); resize the image, or raise max_pixels if it is genuine"
+    )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (plain convert() would turn it black)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _layout(width: int, height: int, patch_size: int, max_patches: int) -> tuple[int, int, int, int]:
+    """(rows, cols, new_width, new_height): the largest aspect-preserving scale whose padded grid fits.
+
+    As in Pix2Struct, small images are scaled up and large ones down so the patch budget is used; unlike
+    Pix2Struct the aspect ratio is kept exactly and the remainder of the last row/column is padding.
+    The best scale makes one side a whole number of patches, so only those scales are tried (exactly,
+    with fractions, because the patch count grows in steps).
+    """
+    if min(width, height) <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if patch_size <= 0 or max_patches <= 0:
+        raise ValueError(f"patch_size and max_patches must be positive, got {patch_size} and {max_patches}")
+    best = Fraction(0)
+    for side in (height, width):
+        for k in range(1, max_patches + 1):
+            scale = Fraction(k, side)  # patches per source pixel: this side spans exactly k patches
+            if _ceil(height * scale) * _ceil(width * scale) > max_patches:
+                break  # the count only grows with the scale
+            best = max(best, scale)
+    rows, cols = _ceil(height * best), _ceil(width * best)
+    new_width = max(1, round(width * best * patch_size))
+    new_height = max(1, round(height * best * patch_size))
+    return rows, cols, new_width, new_height
+
+
+def _ceil(value: Fraction) -> int:
+    return -(-value.numerator // value.denominator)
+
+
+def image_grid(width: int, height: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """(rows, cols) of the patch grid an image of this size gets: aspect kept, rows * cols <= max_patches."""
+    rows, cols, _, _ = _layout(width, height, patch_size, max_patches)
+    return rows, cols
+
+
+def patch_grid(tensor_or_size: torch.Tensor | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """(rows, cols) of a preprocessed image tensor (..., H, W) or an (H, W) size; sides must be whole patches."""
+    height, width = tensor_or_size.shape[-2:] if isinstance(tensor_or_size, torch.Tensor) else tensor_or_size
+    if height % patch_size or width % patch_size or height <= 0 or width <= 0:
+        raise ValueError(
+            f"an image of {height}x{width} pixels is not a whole number of {patch_size}-pixel patches; "
+            "pass it through preprocess_image with the model's image_patch_size"
+        )
+    return height // patch_size, width // patch_size
+
+
+def num_image_tokens(tensor_or_size: torch.Tensor | tuple[int, int], patch_size: int) -> int:
+    """How many <image> positions a preprocessed image fills in the token sequence (rows * cols)."""
+    rows, cols = patch_grid(tensor_or_size, patch_size)
+    return rows * cols
+
+
+def preprocess_image(
+    img: Image.Image | str | Path,
+    patch_size: int,
+    max_patches: int,
+    train: bool = False,
+    augment: Augment | None = None,
+) -> torch.Tensor:
+    """A file or PIL image -> normalised float tensor (3, rows * patch_size, cols * patch_size).
+
+    The image is resized with its aspect ratio kept, augmented when `train` (photometric only unless
+    `augment` says otherwise), normalised, and zero-padded (the mean colour) on the right and bottom.
+    """
+    from torchvision.transforms import v2  # torchvision is slow to import; text-only use never needs it
+
+    img = load_image(img) if isinstance(img, (str, Path)) else to_rgb(img)
+    rows, cols, new_width, new_height = _layout(img.width, img.height, patch_size, max_patches)
+    steps = [v2.Resize((new_height, new_width), antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if train:
+        augment = augment or Augment()
+        steps.append(v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue))
+        if augment.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        v2.Normalize(IMAGE_MEAN, IMAGE_STD),
+        v2.Pad([0, 0, cols * patch_size - new_width, rows * patch_size - new_height], fill=0),
+    ]
+    return v2.Compose(steps)(img).as_subclass(torch.Tensor)  # plain tensor, not a tv_tensors.Image
