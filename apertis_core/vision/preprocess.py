@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-# Above this many pixels a file is refused before decoding: a small PNG can claim 100000 x 100000 pixels
-# and exhaust memory when decoded (a decompression bomb). The same 40 MP as data/images.py, so a file that
-# passes dataset validation always loads here; under PIL's own limit (~89 MP), so our error is the one seen.
-MAX_PIXELS = 40_000_000
+from ..data.images import open_image as load_image
+from ..data.images import to_rgb
 
 # ImageNet statistics: what torchvision's pretrained backbones expect, and harmless for a ViT from scratch.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-class ImageError(ValueError):
-    """An image file that cannot or must not be used; the message names the file and what to do."""
 
 
 @dataclass
@@ -34,52 +27,6 @@ class Augment:
     saturation: float = 0.1  # max relative saturation change
     hue: float = 0.0  # max hue shift in [0, 0.5]; 0 keeps colour names true
     hflip: bool = False  # random horizontal flip; only for data whose text does not mention left/right
-
-
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and return an RGB image, or raise ImageError saying what is wrong with the file.
-
-    The size in the header is checked before any pixel is decoded, so a decompression bomb costs nothing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    try:
-        with warnings.catch_warnings():
-            # Our own cap below gives the clearer message; PIL's warning would only duplicate it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width <= 0 or height <= 0:
-                    raise ImageError(f"{path}: the image has zero size ({width}x{height}); remove or replace it")
-                if width * height > max_pixels:
-                    raise _bomb_error(path, width, height, max_pixels)
-                img.load()
-                return to_rgb(ImageOps.exif_transpose(img))
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({error}); resize the image") from error
-    except UnidentifiedImageError as error:
-        raise ImageError(f"{path}: not an image, or a format PIL cannot read; convert it to PNG or JPEG") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for damaged data
-        raise ImageError(f"{path}: truncated or corrupt image ({error}); re-export or remove the file") from error
-
-
-def _bomb_error(path: Path, width: int, height: int, max_pixels: int) -> ImageError:
-    return ImageError(
-        f"{path}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
-        "(a possible decompression bomb); resize the image, or raise max_pixels if it is genuine"
-    )
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (plain convert() would turn it black)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def _layout(width: int, height: int, patch_size: int, max_patches: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,30 @@
+"""DataConfig: where the training data lives and how it becomes token windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..configio import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a file, a folder or a .zip (see docs: txt/md, jsonl, csv, image folders)
+    seq_len: int = 256  # tokens the model sees per sample; packing makes windows of seq_len + 1
+    val_fraction: float = 0.1  # share held out for validation loss (0 = no validation set)
+    split: Literal["random", "tail"] = "random"  # tail: last fraction of the text by characters (nanoGPT's split)
+    seed: int = 0  # fixes the split so train/val never change between runs or on resume
+    vocab_size: int = 4096  # size of the tokenizer trained on the data (<= 262 gives a byte-level one)
+    tokenizer: str = ""  # an existing tokenizer.json (or bundle folder) to reuse; "" trains one on the data
+
+    def __post_init__(self):
+        # Checked here so a bad YAML value fails at load time, naming the key, not deep inside training.
+        if self.seq_len < 1:
+            raise ConfigError(f"data.seq_len: must be at least 1, got {self.seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(
+                f"data.val_fraction: must be in [0, 1), got {self.val_fraction} (0.1 keeps 10% for validation)"
+            )
+        if self.split not in ("random", "tail"):
+            raise ConfigError(f"data.split: {self.split!r} is not one of 'random', 'tail'")

@@ -1,0 +1,97 @@
+"""BatchLoader: an endless, seeded stream of batches that DDP ranks share and that resumes exactly.
+
+The position is one number: how many samples of the global stream (all ranks together) were taken. The
+stream is epoch after epoch, each a permutation fixed by (seed, epoch), so a restored position continues
+with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..configio import ConfigError
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64, already shifted; -100 = no loss
+    images: list[list[Path]] | None  # per sample, in <image> order; None when no sample has images
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.images,
+        )
+
+
+class BatchLoader:
+    """Iterate forever: `next(loader)` is this rank's `batch_size` samples of the next global batch.
+
+    batch_size is per rank: a global batch is batch_size * world_size samples and rank r takes the r-th
+    contiguous slice, so the ranks' batches are disjoint and, concatenated in rank order, equal what a
+    single process with batch_size * world_size gets.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if len(dataset) == 0:
+            raise ConfigError("the dataset has no samples to batch: add data or lower data.seq_len")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._consumed = 0  # samples of the global stream taken so far, by all ranks
+        self._order_epoch, self._order = -1, []
+
+    @property
+    def epoch(self) -> float:
+        """Progress in epochs (2.5 = halfway through the third pass)."""
+        return self._consumed / len(self.dataset)
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        start = self._consumed + self.rank * self.batch_size
+        samples = [self.dataset[self._index(k)] for k in range(start, start + self.batch_size)]
+        self._consumed += self.batch_size * self.world_size
+        images = [s["images"] for s in samples]
+        return Batch(
+            input_ids=torch.stack([s["input_ids"] for s in samples]),
+            labels=torch.stack([s["labels"] for s in samples]),
+            images=images if any(images) else None,
+        )
+
+    def state_dict(self) -> dict:
+        return {"consumed": self._consumed, "seed": self.seed, "dataset_size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from `state_dict`); the seed and dataset size must match for an exact resume."""
+        expected = {"seed": self.seed, "dataset_size": len(self.dataset)}
+        changed = [f"{k} {state.get(k)} -> {v}" for k, v in expected.items() if state.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"cannot resume the data position: {', '.join(changed)} since the checkpoint. "
+                "Resume with the same data and data.seed, or start a new run."
+            )
+        self._consumed = int(state["consumed"])
+
+    def _index(self, k: int) -> int:
+        """Dataset index of the k-th sample of the global stream."""
+        epoch, position = divmod(k, len(self.dataset))
+        if epoch != self._order_epoch:
+            self._order_epoch, self._order = epoch, _epoch_order(len(self.dataset), self.seed, epoch).tolist()
+        return self._order[position]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # Hashing (seed, epoch) gives every pair its own unrelated generator seed.
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(key))
