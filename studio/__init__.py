@@ -1,0 +1,1 @@
+"""Apertis Studio: the Gradio app, its training job manager and its workspace registry."""

@@ -1,0 +1,1 @@
+"""The five tabs of the studio; each module builds its components and wires its handlers."""

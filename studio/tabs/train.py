@@ -1,0 +1,235 @@
+"""Train tab: choose data, preset and hyper-parameters; see the plan and the exact command; start, stop,
+resume or extend runs; watch progress, the log tail and the queue.
+
+The form becomes a RunConfig mapping (`run_mapping`), so what the studio trains is exactly what
+`apertis train config.yaml` would train from the YAML it shows.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+import gradio as gr
+import yaml
+
+from ..jobs import JobError
+from ..runfiles import CONFIG_NAME, log_tail
+
+# (name, label, default, kind) of the form fields, in the order the handlers receive them. The defaults
+# train the nano preset on a laptop CPU in a few minutes.
+BASIC = [
+    ("max_steps", "Steps", 300, "int"),
+    ("batch_size", "Batch size", 8, "int"),
+    ("seq_len", "Sequence length", 128, "int"),
+    ("lr", "Learning rate", 1e-3, "float"),
+    ("max_minutes", "Time budget (minutes, 0 = use Steps)", 0.0, "float"),
+]
+ADVANCED = [
+    ("vocab_size", "Tokenizer vocabulary (when training one)", 2048, "int"),
+    ("warmup_steps", "Warm-up steps", 30, "int"),
+    ("eval_every", "Evaluate every (steps)", 50, "int"),
+    ("save_every", "Checkpoint every (steps)", 100, "int"),
+    ("log_every", "Log every (steps)", 5, "int"),
+    ("sample_every", "Sample generations every (steps, 0 = off)", 100, "int"),
+    ("schedule", "Schedule", "cosine", ["cosine", "wsd"]),
+    ("precision", "Precision", "auto", ["auto", "fp32", "bf16", "fp16"]),
+    ("device", "Device", "auto", ["auto", "cpu", "cuda", "mps"]),
+    ("extra", "More settings, one key=value per line (e.g. model.d_model=128)", "", "text"),
+]
+FIELDS = [f[0] for f in BASIC + ADVANCED]
+BASIC_DEFAULTS = {f[0]: f[2] for f in BASIC}
+ADVANCED_DEFAULTS = {f[0]: f[2] for f in ADVANCED}
+PROBE_PROMPTS = ["The", "Once upon a time", "What shape is the red object?"]
+DATA_KEYS = {"seq_len", "vocab_size"}
+
+
+def run_mapping(services, dataset_id: str | None, preset: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The RunConfig mapping for the form, validated by apertis_core (ConfigError says what is wrong)."""
+    from apertis_core.training import RunConfig
+
+    row = services.store.get_dataset(dataset_id) if dataset_id else None
+    if row is None:
+        raise ValueError("pick a dataset (add one in the Dataset tab first)")
+    summary = row.get("summary") or {}
+    model: dict[str, Any] = {"preset": preset}
+    if summary.get("images"):
+        model["image_encoder"] = "vit"  # the data has images: the model needs an encoder to see them
+    data = {"path": row["path"], "seq_len": int(values["seq_len"]), "vocab_size": int(values["vocab_size"]),
+            "tokenizer": summary.get("tokenizer", "")}
+    train = {k: v for k, v in values.items() if k not in DATA_KEYS and k != "extra"}
+    train["max_minutes"] = float(train["max_minutes"] or 0)
+    if train["sample_every"]:
+        train["sample_prompts"] = PROBE_PROMPTS
+    config = RunConfig.from_dict({"model": model, "data": data, "train": train})
+    extra = [line.strip() for line in str(values.get("extra") or "").splitlines() if line.strip()]
+    if extra:
+        config = config.override(extra)
+    mapping = config.to_dict()
+    mapping.pop("out_dir", None)  # the job manager gives every run its own folder
+    return mapping
+
+
+def _form(services, dataset_id, preset, *values) -> dict[str, Any]:
+    return run_mapping(services, dataset_id, preset, dict(zip(FIELDS, values, strict=True)))
+
+
+def show_command(services, dataset_id, preset, *values) -> tuple[str, str]:
+    try:
+        text = yaml.safe_dump(_form(services, dataset_id, preset, *values), sort_keys=False)
+    except ValueError as exc:
+        return f"Cannot build the config: {exc}", ""
+    return f"apertis train {CONFIG_NAME}\n# the studio saves this file as runs/<run id>/{CONFIG_NAME}", text
+
+
+def plan(services, dataset_id, preset, *values) -> str:
+    """Parameters, tokens, memory and ETA before Start (times a few warm-up steps)."""
+    from apertis_core.training import RunConfig, plan_run
+
+    try:
+        return plan_run(RunConfig.from_dict(_form(services, dataset_id, preset, *values))).to_text()
+    except (ValueError, RuntimeError) as exc:
+        return f"Cannot plan this run: {exc}"
+
+
+def run_choices(services) -> list[tuple[str, str]]:
+    return [(f"{r['name']} · {r['status']}", r["id"]) for r in services.store.list_runs()]
+
+
+def start_run(services, name, dataset_id, preset, *values) -> tuple[str, str]:
+    """API `start_run`: queue a run from the form -> (message, run id or "" if not started). It starts at
+    once when no other run is training."""
+    try:
+        mapping = _form(services, dataset_id, preset, *values)
+        run = services.jobs.submit(name or f"{preset} on {services.store.get_dataset(dataset_id)['name']}",
+                                   yaml.safe_dump(mapping, sort_keys=False), dataset_id)
+    except (ValueError, JobError, OSError) as exc:
+        return f"Not started: {exc}", ""
+    return f"{run['name']} ({run['id']}) is {run['status']}.", run["id"]
+
+
+def select_run(services, run_id: str | None) -> gr.Dropdown:
+    choices = run_choices(services)
+    return gr.Dropdown(choices=choices, value=run_id) if run_id else gr.Dropdown(choices=choices)
+
+
+def _eta(services, run: dict[str, Any]) -> str:
+    """Time left at the rate measured since the worker last started (a resumed run restarts the clock)."""
+    step, total = int(run["step"] or 0), int(run["total_steps"] or 0)
+    starts = services.store.events(run["id"], kinds=["train_start"])
+    if run["status"] not in ("running", "stopping") or not starts or step >= total:
+        return ""
+    first_step, since = int(starts[-1]["payload"].get("step", 0)), starts[-1]["t"]
+    if step <= first_step:
+        return ""
+    return f" · ETA {_duration((time.time() - since) / (step - first_step) * (total - step))}"
+
+
+def _progress_text(run: dict[str, Any], eta: str) -> str:
+    step, total = int(run["step"] or 0), int(run["total_steps"] or 0)
+    fraction = step / total if total else 0.0
+    bar = "█" * round(20 * fraction) + "░" * (20 - round(20 * fraction))
+    reason = f"\n\n{run['exit_reason']}" if run["exit_reason"] else ""
+    return f"**{run['name']}** — {run['status']}\n\n`{bar}` {step}/{total} steps ({fraction:.0%}){eta}{reason}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {secs:02d}s"
+
+
+def queue_rows(services) -> list[list[Any]]:
+    rows = services.store.list_runs(["running", "stopping", "queued"])
+    return [[r["id"], r["name"], r["status"], f"{r['step'] or 0}/{r['total_steps'] or 0}"] for r in rows]
+
+
+def run_status(services, run_id: str | None) -> tuple[dict[str, Any], str, str, list[list[Any]]]:
+    """API `run_status`: (status record, progress text, log tail, queue rows)."""
+    run = services.store.get_run(run_id) if run_id else None
+    if run is None:
+        return {}, "No run selected: start one, or pick one from the list.", "", queue_rows(services)
+    keys = ("id", "name", "status", "step", "total_steps", "exit_code", "exit_reason", "out_dir")
+    status = {key: run[key] for key in keys}
+    return status, _progress_text(run, _eta(services, run)), run["log_tail"] or log_tail(run["out_dir"]), queue_rows(services)
+
+
+def _act(action, run_id, *args) -> str:
+    try:
+        return action(run_id, *args)
+    except JobError as exc:
+        return str(exc)
+
+
+def stop_run(services, run_id) -> str:
+    """API `stop_run`: cancel a queued run or ask a running one to save and stop."""
+    return _act(services.jobs.stop, run_id)
+
+
+def resume_run(services, run_id) -> str:
+    """API `resume_run`: continue a stopped, failed or interrupted run from its last checkpoint."""
+    return _act(services.jobs.resume, run_id)
+
+
+def train_more(services, run_id, steps) -> str:
+    """API `train_more`: continue a finished run for `steps` more steps."""
+    return _act(services.jobs.train_more, run_id, int(steps or 0))
+
+
+def _field(name: str, label: str, default: Any, kind: Any) -> gr.components.Component:
+    if isinstance(kind, list):
+        return gr.Dropdown(choices=kind, value=default, label=label)
+    if kind == "text":
+        return gr.Textbox(value=default, label=label, lines=3)
+    return gr.Number(value=default, label=label, precision=0 if kind == "int" else None)
+
+
+def build(services, timer_s: float) -> dict[str, Any]:
+    from apertis_core import ModelConfig
+
+    from .dataset import dataset_choices
+
+    with gr.Row():
+        dataset = gr.Dropdown(label="Dataset", choices=dataset_choices(services), allow_custom_value=True)
+        preset = gr.Dropdown(label="Preset", choices=ModelConfig.presets(), value="apertis-nano")
+        name = gr.Textbox(label="Run name", placeholder="optional")
+    with gr.Row():
+        basic = [_field(*f) for f in BASIC]
+    with gr.Accordion("Advanced", open=False):
+        advanced = [_field(*f) for f in ADVANCED]
+    form = [dataset, preset, *basic, *advanced]
+    with gr.Row():
+        plan_btn, command_btn = gr.Button("Plan"), gr.Button("Show command")
+        start_btn = gr.Button("Start", variant="primary")
+    plan_out = gr.Textbox(label="Plan", lines=7)
+    with gr.Accordion("Command and YAML", open=False):
+        command, config = gr.Code(label="Command", language="shell"), gr.Code(label="config.yaml", language="yaml")
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=run_choices(services), scale=3, allow_custom_value=True)
+        stop_btn, resume_btn = gr.Button("Stop", variant="stop"), gr.Button("Resume")
+        more_steps, more_btn = gr.Number(label="N", value=100, precision=0, minimum=1), gr.Button("Train N more")
+    message = gr.Markdown()
+    progress = gr.Markdown()
+    log = gr.Textbox(label="Log tail", lines=10, max_lines=20, autoscroll=True)
+    queue = gr.Dataframe(headers=["id", "name", "status", "step"], label="Queue", interactive=False)
+    with gr.Accordion("Status record (as the API returns it)", open=False):
+        status = gr.JSON()
+
+    plan_btn.click(partial(plan, services), form, plan_out, api_name="plan_run")
+    command_btn.click(partial(show_command, services), form, [command, config], api_visibility="private")
+    new_run = gr.Textbox(visible=False)
+    start_btn.click(partial(start_run, services), [name, *form], [message, new_run], api_name="start_run").then(
+        partial(select_run, services), new_run, run, api_visibility="private")
+    status_outputs = [status, progress, log, queue]
+    for button, handler, inputs, api in ((stop_btn, stop_run, [run], "stop_run"), (resume_btn, resume_run, [run], "resume_run"),
+                                          (more_btn, train_more, [run, more_steps], "train_more")):
+        button.click(partial(handler, services), inputs, message, api_name=api).then(
+            partial(select_run, services), run, run, api_visibility="private")
+    run.change(partial(run_status, services), run, status_outputs, api_name="run_status")
+    gr.Timer(timer_s).tick(partial(run_status, services), run, status_outputs, api_visibility="private",
+                           show_progress="hidden")
+
+    def refresh():
+        return gr.Dropdown(choices=dataset_choices(services)), gr.Dropdown(choices=run_choices(services))
+
+    return {"run": run, "refresh": refresh, "refresh_outputs": [dataset, run]}

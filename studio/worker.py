@@ -1,0 +1,226 @@
+"""The training worker process: runs one registered run with apertis_core's trainer and records it.
+
+Started by the job manager as `python -m studio.worker --workspace W --run-id ID` (or, in the frozen app,
+as the executable re-entered with a `worker` argument). Its stdout/stderr go to `<out_dir>/worker.log`.
+Metrics and lifecycle events are buffered and written to the registry by a background thread, so a
+slow disk or a busy database never stalls a training step. Stop is cooperative: the UI writes the
+trainer's STOP file into the run folder; the trainer saves a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from apertis_core.training import Callback
+
+from .runfiles import FINAL_NAME, clear_stop, log_tail
+from .store import Store
+
+FLUSH_INTERVAL_S = 0.5  # well under the 2 s the UI promises between a step and its point on a chart
+SYSTEM_EVERY_S = 2.0  # CPU/RAM samples: often enough for a chart, rare enough to cost nothing
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"experts": {"layer1": [...]}} -> {"experts/layer1": [...]}; flat records pass unchanged."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def system_record() -> dict[str, float]:
+    """CPU and memory of this machine and process (and GPU memory when there is one), for the charts."""
+    import psutil
+
+    record = {
+        "system/cpu_percent": psutil.cpu_percent(interval=None),
+        "system/ram_percent": psutil.virtual_memory().percent,
+        "system/worker_rss_gib": psutil.Process().memory_info().rss / 2**30,
+    }
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        record["system/gpu_mem_gib"] = torch.cuda.memory_allocated() / 2**30
+    return record
+
+
+class RegistryCallback(Callback):
+    """Buffers the trainer's records and events; a daemon thread writes them to the registry."""
+
+    def __init__(self, store: Store, run_id: str, flush_interval: float = FLUSH_INTERVAL_S):
+        self.store, self.run_id = store, run_id
+        self._metrics: list[tuple[int, str, Any]] = []
+        self._events: list[tuple[float, str, Any]] = []
+        self._progress: dict[str, int] = {}
+        self._stop_wanted = False
+        self._last_step: int | None = None  # system samples are filed under the latest step
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(flush_interval,), name="registry-flush", daemon=True)
+        self._thread.start()
+
+    def _event(self, kind: str, payload: dict[str, Any]) -> None:
+        with self._lock:
+            self._events.append((time.time(), kind, payload))
+
+    def on_train_start(self, state) -> None:
+        # Synchronous on purpose: rows from steps after the checkpoint must go before new ones arrive.
+        self.store.drop_metrics_after(self.run_id, state.step)
+        self.store.update_run(self.run_id, step=state.step, total_steps=state.total_steps)
+        self._event("train_start", {"step": state.step, "total_steps": state.total_steps})
+
+    def on_step_end(self, state) -> None:
+        if self._stop_wanted:
+            state.request_stop()
+        with self._lock:
+            self._progress = {"step": state.step, "total_steps": state.total_steps}
+            self._last_step = state.step
+
+    def on_eval_end(self, state) -> None:
+        self._event("eval", {"step": state.step, "best_val_loss": state.best_val_loss})
+
+    def on_save(self, state) -> None:
+        self._event("save", {"step": state.step, "checkpoint": state.checkpoint_dir})
+
+    def on_train_end(self, state) -> None:
+        self.on_step_end(state)
+        self._event("train_end", {"step": state.step, "total_steps": state.total_steps})
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        rows = [(step, key, value) for key, value in flatten(record).items() if key != "step"]
+        with self._lock:
+            self._metrics.extend(rows)
+
+    def flush(self) -> None:
+        with self._lock:
+            metrics, events, progress = self._metrics, self._events, self._progress
+            self._metrics, self._events, self._progress = [], [], {}
+        self.store.add_metrics(self.run_id, metrics)
+        self.store.add_events(self.run_id, events)
+        if progress:
+            self.store.update_run(self.run_id, **progress)
+        # Second stop channel: a Stop pressed while the trainer started up may have had its STOP file
+        # cleared by the trainer; the registry still says "stopping".
+        run = self.store.get_run(self.run_id)
+        self._stop_wanted = run is not None and run["status"] == "stopping"
+
+    def _loop(self, interval: float) -> None:
+        last_system = 0.0
+        while not self._done.wait(interval):
+            try:
+                if time.monotonic() - last_system >= SYSTEM_EVERY_S and self._last_step is not None:
+                    self.log(system_record(), self._last_step)
+                    last_system = time.monotonic()
+                self.flush()
+            except Exception:  # a locked or full disk must not kill training; the next flush retries
+                traceback.print_exc()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.flush()
+
+
+class LogLines(Callback):
+    """One readable line per logged record, for the log tail the UI shows."""
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if "sample/text" in record:
+            print(f"step {step}: sample {record.get('sample/prompt', '')!r} -> {record['sample/text']!r}", flush=True)
+            return
+        shown = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}" for k, v in shown.items()]
+        if parts:
+            print(f"step {step}: " + " ".join(parts), flush=True)
+
+    def on_save(self, state) -> None:
+        print(f"step {state.step}: checkpoint saved to {state.checkpoint_dir}", flush=True)
+
+
+def load_run_config(config_yaml: str, out_dir: str | Path):
+    """The RunConfig stored with the run, with out_dir pinned to the run's folder in the workspace."""
+    import dataclasses
+
+    import yaml
+
+    from apertis_core.training import RunConfig
+
+    mapping = yaml.safe_load(config_yaml) or {}
+    return dataclasses.replace(RunConfig.from_dict(mapping), out_dir=str(out_dir))
+
+
+def _finish(store: Store, run_id: str, result: Any, out_dir: Path) -> None:
+    stopped = clear_stop(out_dir) | bool(getattr(result, "stopped", False))
+    if stopped:
+        store.update_run(run_id, status="interrupted", ended=time.time(), exit_code=0,
+                         exit_reason="stopped on request; a checkpoint was saved - press Resume to continue")
+        return
+    store.update_run(run_id, status="finished", ended=time.time(), exit_code=0, exit_reason="finished")
+    bundle = Path(getattr(result, "bundle_dir", None) or out_dir / FINAL_NAME)
+    if bundle.is_dir():
+        card_path = Path(bundle) / "README.md"
+        card = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
+        store.add_model(store.get_run(run_id)["name"], bundle, kind="bundle", run_id=run_id, card=card)
+
+
+def run_worker(workspace: str | Path, run_id: str) -> int:
+    """Train run `run_id` of `workspace`; returns the process exit code (0 also when stopped on request)."""
+    from apertis_core.training import train
+
+    store = Store(workspace)
+    run = store.get_run(run_id)
+    if run is None:
+        print(f"run {run_id!r} is not in the registry {store.db_path}; start it from the studio", file=sys.stderr)
+        return 2
+    out_dir = Path(run["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The manager marks the run running (or stopping, if Stop came while this process started up);
+    # a worker started by hand moves it out of the queue itself.
+    store.transition_run(run_id, ["queued", "interrupted", "failed"], status="running")
+    store.update_run(run_id, pid=os.getpid(), started=time.time(), ended=None, exit_code=None, exit_reason=None, log_tail=None)
+    mode = run["mode"]
+    print(f"worker {os.getpid()}: run {run_id} ({mode}) in {out_dir}", flush=True)
+    registry = RegistryCallback(store, run_id)
+    try:
+        config = load_run_config(run["config"], out_dir)
+        result = train(
+            config,
+            callbacks=[registry, LogLines()],
+            resume_from=str(out_dir) if mode in ("resume", "more") else None,
+            extra_steps=int(run["extra_steps"] or 0) if mode == "more" else 0,
+        )
+    except BaseException as exc:  # KeyboardInterrupt/SystemExit too: the registry must learn why it ended
+        traceback.print_exc()
+        sys.stdout.flush()
+        registry.close()
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        store.update_run(run_id, status="failed", ended=time.time(), exit_code=1,
+                         exit_reason=reason or "the trainer failed; see the log tail", log_tail=log_tail(out_dir))
+        return 1
+    registry.close()
+    _finish(store, run_id, result, out_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="studio.worker", description="Run one Apertis Studio training run.")
+    parser.add_argument("--workspace", required=True, help="the studio workspace folder")
+    parser.add_argument("--run-id", required=True, help="the run to train, as registered in the workspace")
+    args = parser.parse_args(argv)
+    return run_worker(args.workspace, args.run_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
