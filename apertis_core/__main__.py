@@ -1,0 +1,5 @@
+"""`python -m apertis_core ...` is the `apertis` command line."""
+
+from .cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""`apertis chat`: an interactive multi-turn chat in the terminal, replies streamed as they are generated."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
+
+from .common import (
+    add_sampling_args,
+    expand_image_tokens,
+    generation_config,
+    load_model,
+    load_prompt_image,
+    stream_reply,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+HELP = "commands: /reset (forget the conversation), /system TEXT, /image PATH (attach to your next message), /quit"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "chat",
+        help="interactive chat in the terminal",
+        description=(
+            f"Chat with a trained model using its chat template. {HELP}. End of input (Ctrl-D) also quits; "
+            "Ctrl-C cuts a reply short."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="a model bundle (or checkpoint) folder")
+    parser.add_argument("--system", metavar="TEXT", default="", help="a system message that opens the conversation")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    add_sampling_args(parser)
+    parser.set_defaults(run=run)
+
+
+@dataclass
+class Conversation:
+    """Messages so far and the images they refer to (in order of their <image> markers)."""
+
+    system: str = ""
+    messages: list[dict] = field(default_factory=list)
+    images: list[list[torch.Tensor]] = field(default_factory=list)  # per message
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.images.clear()
+
+    def add(self, role: str, content: str, images: list[torch.Tensor] | None = None) -> None:
+        self.messages.append({"role": role, "content": content})
+        self.images.append(list(images or []))
+
+    def drop_last(self) -> None:
+        self.messages.pop()
+        self.images.pop()
+
+    def drop_oldest_turn(self) -> bool:
+        """Forget the oldest user/assistant exchange; False when only the newest message is left."""
+        if len(self.messages) <= 1:
+            return False
+        del self.messages[:2], self.images[:2]
+        return True
+
+    def prompt(self) -> tuple[list[dict], list[torch.Tensor]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages, [image for images in self.images for image in images]
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.model, args.device)
+    config = generation_config(args, stop_ids=[tokenizer.eot_id])
+    return chat_loop(model, tokenizer, config, sys.stdin, sys.stdout, system=args.system, device=args.device)
+
+
+def chat_loop(model, tokenizer, config, stdin: TextIO, out: TextIO, system: str = "", device: str = "cpu") -> int:
+    interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where available)
+        except ImportError:
+            pass
+    print(f"Chatting with {model.config.preset} ({model.num_parameters():,} parameters). {HELP}", file=out)
+    conversation = Conversation(system=system)
+    pending: list[torch.Tensor] = []  # images attached to the next user message
+    while True:
+        try:
+            line = _read_line(stdin, "you> " if interactive else "")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves the chat
+            line = None
+        if line is None:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            rest = rest.strip()
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                conversation.reset()
+                pending.clear()
+                print("(conversation cleared)", file=out)
+            elif command == "/system":
+                conversation.system = rest
+                print("(system message set)" if rest else "(system message removed)", file=out)
+            elif command == "/image":
+                try:
+                    if not rest:
+                        raise ValueError("/image needs a file path: /image photo.png")
+                    pending.append(load_prompt_image(model, rest).to(device))
+                    print(f"(image attached to your next message: {rest})", file=out)
+                except (ValueError, OSError) as error:
+                    print(f"error: {error}", file=out)
+            else:
+                print(f"unknown command {command}; {HELP}", file=out)
+            continue
+        text = "".join("<image>\n" for _ in pending) + line
+        conversation.add("user", text, pending)
+        pending = []
+        try:
+            reply = _answer(model, tokenizer, config, conversation, out)
+        except ValueError as error:
+            conversation.drop_last()
+            print(f"\nerror: {error}", file=out)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C during a reply cuts it short; the chat goes on
+            conversation.drop_last()
+            print("\n(reply interrupted)", file=out)
+            continue
+        conversation.add("assistant", reply)
+    print(file=out)
+    return 0
+
+
+def _answer(model, tokenizer, config, conversation: Conversation, out: TextIO) -> str:
+    """Stream the assistant's reply to the conversation so far, trimming old turns that do not fit."""
+    budget = model.config.max_seq_len - min(config.max_new_tokens, model.config.max_seq_len // 2)
+    while True:
+        messages, images = conversation.prompt()
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        if images:
+            ids = expand_image_tokens(ids, tokenizer.image_id, images, model.config.image_patch_size)
+        if len(ids) <= budget or not conversation.drop_oldest_turn():
+            break
+    prefix = "assistant> " if out.isatty() else ""
+    out.write(prefix)
+    reply = stream_reply(model, tokenizer, ids, config, out, images=images)
+    out.write("\n")
+    out.flush()
+    return reply
+
+
+def _read_line(stdin: TextIO, prompt: str) -> str | None:
+    """The next line of input, or None at end of input."""
+    if prompt and stdin is sys.stdin:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = stdin.readline()
+    return None if line == "" else line

@@ -1,0 +1,83 @@
+"""`apertis data`: check a dataset before training (`validate`), and make demo datasets (`demo ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+# Exit codes of `data validate`: every record usable / some skipped / nothing usable (or bad input).
+EXIT_CLEAN, EXIT_SKIPPED, EXIT_UNUSABLE = 0, 1, 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("data", help="check datasets and make demo datasets", description="Dataset tools.")
+    data_sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    validate = data_sub.add_parser(
+        "validate",
+        help="check a dataset and report every problem with its file and line",
+        description=(
+            "Parse a dataset (file, folder or .zip) as training would and report each problem with its file, "
+            f"line and field. Exit code {EXIT_CLEAN}: no problems; {EXIT_SKIPPED}: some records would be skipped; "
+            f"{EXIT_UNUSABLE}: nothing usable."
+        ),
+    )
+    validate.add_argument("path", metavar="PATH", help="a .txt/.md/.jsonl/.csv file, a folder or a .zip")
+    validate.add_argument(
+        "--tokenizer", metavar="FILE", help="a tokenizer.json (or bundle folder) to count tokens with"
+    )
+    validate.add_argument(
+        "--max-problems", type=int, default=50, metavar="N", help="list at most N problems (default 50)"
+    )
+    validate.set_defaults(run=run_validate)
+
+    demo = data_sub.add_parser("demo", help="generate demo datasets", description="Generate demo datasets.")
+    demo_sub = demo.add_subparsers(dest="demo_command", metavar="DATASET", required=True)
+    if importlib.util.find_spec("apertis_core.data.shapes") is not None:
+        shapes = demo_sub.add_parser(
+            "shapes",
+            help="synthetic images of shapes with captions and questions (a visual Q&A demo)",
+            description="Write images/, train.jsonl, test.jsonl and summary.json: coloured shapes with captions and questions.",
+        )
+        shapes.add_argument("--out", required=True, metavar="DIR", help="the folder to write into")
+        shapes.add_argument("--n", type=int, default=2000, metavar="N", help="number of scenes (default 2000)")
+        shapes.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+        shapes.set_defaults(run=run_shapes)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from ..data import validate_dataset
+
+    tokenizer = None
+    if args.tokenizer:
+        from ..tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(args.tokenizer)
+    if args.max_problems < 0:
+        raise ValueError(f"--max-problems must be >= 0, got {args.max_problems}")
+    report = validate_dataset(args.path, tokenizer=tokenizer)
+    print(_report_text(report, args.max_problems))
+    if report.records == 0:
+        return EXIT_UNUSABLE
+    return EXIT_SKIPPED if report.skipped else EXIT_CLEAN
+
+
+def _report_text(report, max_problems: int) -> str:
+    """The report, its problem list capped at `max_problems` when the report supports a cap."""
+    import inspect
+
+    if "max_problems" in inspect.signature(report.to_text).parameters:
+        return report.to_text(max_problems=max_problems)
+    return report.to_text()
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    from ..data.shapes import generate_shapes
+
+    summary = generate_shapes(args.out, n=args.n, seed=args.seed)
+    scenes, records = summary["scenes"], summary["records"]
+    print(
+        f"wrote {scenes['train']} training and {scenes['test']} held-out scenes "
+        f"({records['train']} train / {records['test']} test records) to {summary['out_dir']}"
+    )
+    return 0
