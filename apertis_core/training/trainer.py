@@ -1,0 +1,319 @@
+"""The training loop: steps with gradient accumulation, evaluation, samples, checkpoints, stop requests.
+
+`train()` is the one entry point, alone or under `torchrun` (see distributed.py). It reports only through
+callbacks (a JSONL metrics file is always written) and stops cooperatively: a file named STOP in the run
+directory, or a callback's `state.request_stop()`, ends the run after the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..bundle import save_bundle
+from ..generation import GenerationConfig, generate
+from .callbacks import Callback, CallbackList, JsonlLogger, TrainState
+from .checkpoint import checkpoint_dir, mark_best_if_better, prune_checkpoints, save_checkpoint
+from .config import RunConfig
+from .distributed import init_distributed, shutdown_distributed
+from .hardware import peak_flops, pick_device
+from .planning import budget_steps
+from .session import Session, capture_state, open_session
+
+STOP_FILE = "STOP"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainResult:
+    out_dir: str  # the run directory
+    steps: int  # optimizer steps completed
+    final_train_loss: float | None  # mean loss over the last logging window
+    final_val_loss: float | None  # validation loss at the end (None without a validation set, or if stopped)
+    best_val_loss: float | None  # lowest validation loss of the run
+    bundle_dir: str | None  # the final bundle (None when the run was stopped before its end)
+    stopped: bool  # True when a stop request ended the run early
+
+
+def train(
+    run_config: RunConfig, callbacks: Sequence[Callback] = (), resume_from: str | None = None, extra_steps: int = 0
+) -> TrainResult:
+    """Train (or resume, or extend by `extra_steps`) the run described by `run_config`."""
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    if run_config.train.threads > 0:
+        torch.set_num_threads(run_config.train.threads)
+    ctx = init_distributed(pick_device(run_config.train.device))
+    try:
+        session = open_session(run_config, ctx, started, resume_from, extra_steps)
+        metrics = JsonlLogger(Path(run_config.out_dir) / "metrics.jsonl")
+        sinks = CallbackList([metrics, *callbacks]) if ctx.is_main else Callback()  # rank 0 reports for all
+        try:
+            return _Loop(run_config, session, sinks, started).run()
+        finally:
+            sinks.close()
+    finally:
+        shutdown_distributed(ctx)
+        torch.set_num_threads(threads)  # the setting is process-wide; leave the caller's as it was
+
+
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32 over the positions that take a loss; callers divide by the global count."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class _Loop:
+    def __init__(self, run: RunConfig, session: Session, sinks: Callback, started: float):
+        self.run_config, self.cfg, self.s, self.sinks = run, run.train, session, sinks
+        self.out = Path(run.out_dir)
+        self.started = started
+        self.state = TrainState(
+            step=session.step,
+            total_steps=session.schedule.total_steps,
+            out_dir=str(self.out),
+            tokens_seen=session.tokens_seen,
+            best_val_loss=session.best_val_loss,
+        )
+        self.flops_per_token = session.model.flops_per_token(run.data.seq_len)
+        self.peak = peak_flops(session.ctx.device, session.precision.dtype)
+        self.window = self._new_window()
+        self.loop_started = self.window["time"]
+        self.lr = session.schedule.lr_at(session.step)  # the latest step's rate and gradient norm, for logs
+        self.grad_norm = torch.zeros(())
+        self.train_loss: float | None = None
+        self.val_loss: float | None = None
+        self.val_step = -1  # step of the last evaluation
+        # A time budget is re-planned once, a tenth of the way in, from the real step times (which include
+        # torch.compile, evaluations and data loading that the warm-up did not see).
+        self.replan_step = (
+            max(10, session.schedule.total_steps // 10) if self.cfg.max_minutes > 0 and session.start_step == 0 else -1
+        )
+
+    def _new_window(self) -> dict:
+        return {"time": time.perf_counter(), "step": self.s.step, "loss": 0.0, "targets": 0.0, "tokens": 0}
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self._write_run_files()
+        self.sinks.on_train_start(self.state)
+        stopped = False
+        self.loop_started = time.perf_counter()
+        self.window = self._new_window()  # throughput counts training time only, not the setup above
+        while self.s.step < self.s.schedule.total_steps:
+            if self._stop_requested():  # also before the first step: a Stop pressed during the setup counts
+                stopped = True
+                break
+            self._train_step()
+            self._after_step()
+        bundle = self._stop() if stopped else self._finish()
+        self.sinks.on_train_end(self.state)
+        final_val = None if stopped else self.val_loss
+        return TrainResult(
+            str(self.out), self.s.step, self.train_loss, final_val, self.s.best_val_loss, bundle, stopped
+        )
+
+    def _write_run_files(self) -> None:
+        if self.s.ctx.is_main:
+            resolved = dataclasses.replace(self.run_config, model=self.s.model.config)  # vocab_size from the tokenizer
+            resolved.save(self.out / "run.yaml")
+            self.s.tokenizer.save(self.out / "tokenizer.json")
+
+    def _train_step(self) -> None:
+        s, ctx = self.s, self.s.ctx
+        lr = s.schedule.lr_at(s.step)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [next(s.loader) for _ in range(self.cfg.grad_accum)]
+        # Normalise by the targets of the whole step on all ranks: the mean per-token loss of the global
+        # batch, whatever the padding or chat masks, so N processes do exactly the math of one.
+        targets = ctx.sum([float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches))])[0]
+        loss_sum = torch.zeros((), device=ctx.device)
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            no_sync = s.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()
+            with no_sync:
+                loss_sum += self._micro_step(batch, ctx.world_size / max(targets, 1.0))
+        s.scaler.unscale_(s.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(b.input_ids.numel() for b in batches) * ctx.world_size
+        s.step += 1
+        s.tokens_seen += tokens
+        self.lr = lr
+        self.window["loss"] += loss_sum  # stays on the device: no sync until the next log
+        self.window["targets"] += targets
+        self.window["tokens"] += tokens
+
+    def _micro_step(self, batch, scale: float) -> torch.Tensor:
+        s = self.s
+        input_ids = batch.input_ids.to(s.ctx.device, non_blocking=True)
+        labels = batch.labels.to(s.ctx.device, non_blocking=True)
+        with s.precision.autocast():
+            out = s.train_model(input_ids)
+        loss_sum = _loss_sum(out.logits, labels)
+        loss = loss_sum * scale + out.aux_loss / self.cfg.grad_accum
+        s.scaler.scale(loss).backward()
+        return loss_sum.detach()
+
+    def _after_step(self) -> None:
+        s, cfg, step = self.s, self.cfg, self.s.step
+        final = step >= s.schedule.total_steps
+        self._update_state()
+        if step % cfg.log_every == 0 or final:
+            self._log_train()
+        saving = cfg.save_every > 0 and step % cfg.save_every == 0 and not final
+        if not final and (saving or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            self._evaluate()
+        if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+            self._sample()
+        if saving:
+            self._save()
+        if step == self.replan_step:
+            self._replan()
+        self.sinks.on_step_end(self.state)
+
+    def _update_state(self) -> None:
+        st, s = self.state, self.s
+        st.step, st.tokens_seen, st.total_steps = s.step, s.tokens_seen, s.schedule.total_steps
+        st.best_val_loss = s.best_val_loss
+        st.elapsed_s = time.perf_counter() - self.started
+        st.epoch = s.loader.epoch
+
+    def _stop_requested(self) -> bool:
+        local = self.state.stop_requested or (self.out / STOP_FILE).exists()
+        return self.s.ctx.sum([float(local)])[0] > 0  # every rank must leave the loop at the same step
+
+    # ---- reporting ------------------------------------------------------------------------------------
+    def _log_train(self) -> None:
+        s, w = self.s, self.window
+        loss = s.ctx.sum([float(w["loss"])])[0] / max(w["targets"], 1.0)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss} at step {s.step}; lower train.lr or use train.precision=fp32/bf16"
+            )
+        seconds = max(time.perf_counter() - w["time"], 1e-9)
+        steps = s.step - w["step"]
+        tok_s = w["tokens"] / seconds
+        record = {
+            "train/loss": loss,
+            "lr": self.lr,
+            "grad_norm": float(self.grad_norm),
+            "throughput/tok_s": tok_s,
+            "mfu": self.flops_per_token * tok_s / s.ctx.world_size / self.peak,
+            "progress/total_steps": s.schedule.total_steps,
+            "progress/epoch": self.state.epoch,
+            "progress/tokens": s.tokens_seen,
+            "time/elapsed_s": self.state.elapsed_s,
+            "time/eta_s": (s.schedule.total_steps - s.step) * seconds / max(steps, 1),
+        }
+        record.update({f"experts/{layer}": values for layer, values in s.model.expert_utilisation().items()})
+        self.train_loss = loss
+        self._emit(record)
+        self.window = self._new_window()
+
+    def _emit(self, record: dict) -> None:
+        self.state.metrics = record
+        self.sinks.log(record, self.s.step)
+
+    @torch.no_grad()
+    def _evaluate(self) -> float | None:
+        s = self.s
+        if len(s.val_data) == 0:
+            return None
+        s.model.eval()  # the plain module: no DDP collectives, so ranks may see different batch counts
+        total = count = 0.0
+        loader = s.val_loader()
+        one_pass = math.ceil(len(s.val_data) / (loader.batch_size * s.ctx.world_size))
+        for _ in range(min(self.cfg.eval_batches, one_pass)):
+            batch = next(loader)
+            labels = batch.labels.to(s.ctx.device)
+            with s.precision.autocast():
+                logits = s.model(batch.input_ids.to(s.ctx.device)).logits
+            total += float(_loss_sum(logits, labels))
+            count += int((labels != IGNORE_INDEX).sum())
+        s.model.train()
+        total, count = s.ctx.sum([total, count])
+        self.val_loss, self.val_step = total / max(count, 1.0), s.step
+        if s.best_val_loss is None or self.val_loss < s.best_val_loss:
+            s.best_val_loss = self.val_loss
+        self.state.best_val_loss = s.best_val_loss
+        self._emit({"val/loss": self.val_loss})
+        self.sinks.on_eval_end(self.state)
+        return self.val_loss
+
+    def _sample(self) -> None:
+        s = self.s
+        if not s.ctx.is_main:
+            return
+        tok = s.tokenizer
+        config = GenerationConfig(max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, stop_ids=[tok.eot_id])
+        for prompt in self.cfg.sample_prompts:
+            ids = tok.encode(prompt) or [tok.eot_id]
+            with s.precision.autocast():
+                text = tok.decode(list(generate(s.model, ids, config)))
+            self._emit({"sample/prompt": prompt, "sample/text": text})
+
+    # ---- saving, stopping, finishing ------------------------------------------------------------------
+    def _save(self) -> None:
+        s = self.s
+        state = capture_state(s)
+        if s.ctx.is_main:
+            meta = {
+                "total_steps": s.schedule.total_steps,
+                "tokens_seen": s.tokens_seen,
+                "train_loss": self.train_loss,
+                "val_loss": self.val_loss if self.val_step == s.step else None,
+            }
+            path = save_checkpoint(self.out, s.step, s.model, s.tokenizer, state, meta)
+            if meta["val_loss"] is not None:
+                mark_best_if_better(self.out, s.step, meta["val_loss"])
+            prune_checkpoints(self.out, self.cfg.keep_last)
+            self.state.checkpoint_dir = str(path)
+            self.sinks.on_save(self.state)
+        s.ctx.barrier()
+
+    def _stop(self) -> None:
+        if not checkpoint_dir(self.out, self.s.step).exists():
+            self._save()
+        if self.s.ctx.is_main:
+            (self.out / STOP_FILE).unlink(missing_ok=True)  # honoured: a later resume must not stop at once
+
+    def _finish(self) -> str:
+        s = self.s
+        self._evaluate()
+        if not checkpoint_dir(self.out, s.step).exists():  # "train N more" continues from this checkpoint
+            self._save()
+        bundle = self.out / "final"
+        if s.ctx.is_main:
+            card = {
+                "steps": s.step,
+                "tokens seen": s.tokens_seen,
+                "final train loss": self.train_loss,
+                "final val loss": self.val_loss,
+                "best val loss": s.best_val_loss,
+                "data": s.data_summary,
+            }
+            save_bundle(bundle, s.model, s.tokenizer, {k: v for k, v in card.items() if v is not None})
+        s.ctx.barrier()
+        return str(bundle)
+
+    def _replan(self) -> None:
+        """Re-fit the total steps into the remaining budget at the measured pace (rank 0's, for all)."""
+        s = self.s
+        now = time.perf_counter()
+        pace = (now - self.loop_started) / max(s.step - s.start_step, 1)
+        left = self.cfg.max_minutes * 60 - (now - self.started)
+        total = s.step + budget_steps(self.cfg, pace, left) if left > 0 else s.step
+        s.schedule = s.schedule.with_total(int(s.ctx.broadcast(max(total, s.step))))
+        self.state.total_steps = s.schedule.total_steps
