@@ -91,10 +91,11 @@ class _Loop:
         self.train_loss: float | None = None
         self.val_loss: float | None = None
         self.val_step = -1  # step of the last evaluation
-        # A time budget is re-planned once, a tenth of the way in, from the real step times (which include
-        # torch.compile, evaluations and data loading that the warm-up did not see).
-        self.replan_step = (
-            max(10, session.schedule.total_steps // 10) if self.cfg.max_minutes > 0 and session.start_step == 0 else -1
+        # A time budget is re-planned every tenth of the run until the last fifth, from the recent step times
+        # (which include torch.compile, evaluations, data loading and, on a shared machine, other programs'
+        # load that the warm-up did not see), so the schedule still ends on time when the pace changes.
+        self.replan_every = (
+            max(10, session.schedule.total_steps // 10) if self.cfg.max_minutes > 0 and session.start_step == 0 else 0
         )
 
     def _new_window(self) -> dict:
@@ -106,6 +107,7 @@ class _Loop:
         self.sinks.on_train_start(self.state)
         stopped = False
         self.loop_started = time.perf_counter()
+        self.pace_mark = (self.loop_started, self.s.step)  # where the pace of the next re-plan is measured from
         self.window = self._new_window()  # throughput counts training time only, not the setup above
         while self.s.step < self.s.schedule.total_steps:
             if self._stop_requested():  # also before the first step: a Stop pressed during the setup counts
@@ -179,7 +181,7 @@ class _Loop:
             self._sample()
         if saving:
             self._save()
-        if step == self.replan_step:
+        if self.replan_every and step % self.replan_every == 0 and step < 0.8 * self.s.schedule.total_steps:
             self._replan()
         self.sinks.on_step_end(self.state)
 
@@ -312,7 +314,9 @@ class _Loop:
         """Re-fit the total steps into the remaining budget at the measured pace (rank 0's, for all)."""
         s = self.s
         now = time.perf_counter()
-        pace = (now - self.loop_started) / max(s.step - s.start_step, 1)
+        mark_time, mark_step = self.pace_mark
+        pace = (now - mark_time) / max(s.step - mark_step, 1)
+        self.pace_mark = (now, s.step)
         left = self.cfg.max_minutes * 60 - (now - self.started)
         total = s.step + budget_steps(self.cfg, pace, left) if left > 0 else s.step
         s.schedule = s.schedule.with_total(int(s.ctx.broadcast(max(total, s.step))))
