@@ -32,8 +32,18 @@ def route(
     return weights / weights.sum(-1, keepdim=True), experts
 
 
-def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+def _grouped_mm():
+    """torch's grouped matmul (public `F.grouped_mm` in newer releases, `torch._grouped_mm` before), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_applies(x: torch.Tensor) -> bool:
+    """Whether the (bf16-only) grouped kernel serves x: on CUDA, with bf16 inputs or under bf16 autocast."""
+    if not x.is_cuda or _grouped_mm() is None or x.shape[-1] % 8:  # rows must be 16-byte aligned
+        return False
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda") == torch.bfloat16
+    return x.dtype == torch.bfloat16
 
 
 class AdaptiveExpertSystem(nn.Module):
@@ -93,18 +103,36 @@ class AdaptiveExpertSystem(nn.Module):
 
     def _experts(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run each expert's SwiGLU on its contiguous slice of `inputs` (M, D)."""
-        if _grouped_mm_usable(inputs):
-            offsets = counts.cumsum(0).to(torch.int32)
-            hidden = F.grouped_mm(inputs, self.gate_up.to(inputs.dtype), offs=offsets)
-            gate, up = hidden.chunk(2, dim=-1)
-            return F.grouped_mm(self.activation(gate) * up, self.down.to(inputs.dtype), offs=offsets)
+        if _grouped_mm_applies(inputs):
+            return self._experts_grouped(inputs.to(torch.bfloat16), counts)
+        # One unbind per weight, not an index per expert: an index gives the weight a full-size zero
+        # gradient per expert in backward (E fills and adds of the whole tensor); unbind stacks once.
+        gate_up, down = self.gate_up.to(inputs.dtype).unbind(0), self.down.to(inputs.dtype).unbind(0)
         pieces = []
         for expert, chunk in enumerate(inputs.split(counts.tolist())):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = (chunk @ self.gate_up[expert].to(chunk.dtype)).chunk(2, dim=-1)
-            pieces.append((self.activation(gate) * up) @ self.down[expert].to(chunk.dtype))
+            gate, up = (chunk @ gate_up[expert]).chunk(2, dim=-1)
+            pieces.append((self.activation(gate) * up) @ down[expert])
         return torch.cat(pieces) if pieces else inputs.new_zeros(0, inputs.shape[-1])
+
+    def _experts_grouped(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The same with two grouped matmuls (bf16, CUDA). Operands: inputs (M, K) row-major, weights
+        (E, K, N) as stored (x @ W layout), offsets = end row of each expert's slice (int32). The kernel
+        needs 16-byte aligned row strides, so an expert width that is not a multiple of 8 is padded with
+        zero hidden units (they add nothing and their gradients are dropped)."""
+        grouped_mm = _grouped_mm()
+        width = self.down.shape[1]
+        pad = -width % 8
+        gate_up, down = self.gate_up.to(torch.bfloat16), self.down.to(torch.bfloat16)
+        if pad:
+            gate, up = gate_up.chunk(2, dim=-1)  # (E, D, W) each
+            gate_up = torch.cat([F.pad(gate, (0, pad)), F.pad(up, (0, pad))], dim=-1)  # (E, D, 2 (W + pad))
+            down = F.pad(down, (0, 0, 0, pad))  # (E, W + pad, D)
+        offsets = counts.cumsum(0).to(torch.int32)
+        hidden = grouped_mm(inputs, gate_up, offs=offsets)  # (M, 2 (W + pad))
+        gate, up = hidden.chunk(2, dim=-1)
+        return grouped_mm(self.activation(gate) * up, down, offs=offsets)  # (M, D)
 
     def _aux_loss(self, logits, probs, weights, experts) -> torch.Tensor:
         # Switch-Transformer balance loss: E * sum_e (share of assignments to e) * (mean router prob of e).

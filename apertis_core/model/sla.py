@@ -32,42 +32,217 @@ def chunked_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: (B, H, T, Dk); v: (B, H, T, Dv); log_decay: (B, H, T), <= 0.
 
-    Returns outputs (B, H, T, Dv) in v's dtype and the final state (B, H, Dk, Dv) in fp32.
+    Returns outputs (B, H, T, Dv) in v's dtype and the final state (B, H, Dk, Dv) in fp32. The
+    chunk-local matmuls run in the autocast dtype when autocast is on (else in the inputs' dtype);
+    decays and the carried states are always fp32.
     """
-    batch, heads, length, dk = q.shape
-    dv = v.shape[-1]
-    chunk = min(chunk_size, length)
-    pad = (-length) % chunk
-    if pad:  # padded steps have zero keys and zero decay: they leave the state untouched
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return _ChunkedLinearAttention.apply(q, k, v, log_decay, initial_state, chunk_size, compute_dtype)
+
+
+# The chunked tensors are (B, H, N, C, D): a contiguous (B, H, T, D) input is already in that layout and
+# the outputs are views of it, so no copies; each large allocation also costs page faults on a CPU, so the
+# code below reuses buffers and writes matmul results in place where it can.
+
+
+def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(B, H, T, D) -> contiguous (B, H, N, C, D), zero-padded at the end to a whole number of chunks."""
+    pad = (-x.shape[2]) % chunk
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.unflatten(2, (-1, chunk)).contiguous()
+
+
+def _from_chunks(x: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, C, D) -> (B, H, T, D) in `dtype`, without the padding (a view where nothing changes)."""
+    return x.flatten(2, 3)[:, :, :length].to(dtype)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Matmul batched over all leading dims: (..., I, K) @ (..., K, J) -> (..., I, J), optionally into
+    `out` (contiguous, a's dtype)."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if out is None:
+        return torch.bmm(a3, b3).view(*a.shape[:-1], b.shape[-1])
+    torch.bmm(a3, b3, out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
+def _bmm_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in place (batched like `_bmm`; acc contiguous)."""
+    acc3 = acc.view(-1, *acc.shape[-2:])
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if acc.dtype == a.dtype == b.dtype:
+        acc3.baddbmm_(a3, b3)
+    else:
+        acc3.add_(torch.bmm(a3, b3))
+    return acc
+
+
+def _mul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a * b, written into `out` when one is given (a reusable scratch buffer of the result's shape)."""
+    return torch.mul(a, b, out=out) if out is not None else a * b
+
+
+def _masked(scores: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """scores * within (the fp32 masked decays), in place when scores are fp32, else in scores' dtype."""
+    if scores.dtype == torch.float32:
+        return scores.mul_(within)
+    return (scores.float() * within).to(scores.dtype)
+
+
+def _chunk_cumsum(log_decay: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(B, H, T) -> fp32 cumulative log-decay within each chunk, (B, H, N, C); padding decays by 0."""
+    pad = (-log_decay.shape[-1]) % chunk
+    log_decay = log_decay.float()
+    if pad:
         log_decay = F.pad(log_decay, (0, pad))
-    n_chunks = q.shape[2] // chunk
-    q, k, v = (t.reshape(batch, heads, n_chunks, chunk, t.shape[-1]) for t in (q, k, v))  # (B, H, N, C, D)
-    cum = log_decay.float().reshape(batch, heads, n_chunks, chunk).cumsum(-1)  # (B, H, N, C)
+    return log_decay.unflatten(-1, (-1, chunk)).cumsum(-1)
 
-    # Within a chunk: o_t += sum_{s<=t} exp(cum_t - cum_s) (q_t . k_s) v_s
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    gaps = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, -math.inf)  # (B, H, N, C, C)
-    scores = (q @ k.transpose(-1, -2)) * gaps.exp()
-    out = scores.to(v.dtype) @ v  # (B, H, N, C, Dv)
 
-    with torch.autocast(q.device.type, enabled=False):
-        chunk_total = cum[..., -1]  # (B, H, N)
-        k_to_end = k.float() * (chunk_total[..., None] - cum).exp()[..., None]
-        updates = k_to_end.transpose(-1, -2) @ v.float()  # (B, H, N, Dk, Dv): each chunk's own contribution
-        through = chunk_total.cumsum(-1)  # log-decay from the sequence start through the end of chunk n
-        before = through - chunk_total  # ... through the end of chunk n - 1
-        # State entering chunk n: sum over m < n of exp(before_n - through_m) * updates_m (+ decayed initial).
-        strictly_lower = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=q.device).tril(-1)
-        carry = (before[..., :, None] - through[..., None, :]).masked_fill(~strictly_lower, -math.inf).exp()
-        states_in = (carry @ updates.flatten(-2)).view(batch, heads, n_chunks, dk, dv)  # (B, H, N, Dk, Dv)
-        if initial_state is not None:
-            states_in = states_in + before.exp()[..., None, None] * initial_state.float()[:, :, None]
-        final_state = states_in[:, :, -1] * chunk_total[..., -1].exp()[..., None, None] + updates[:, :, -1]
-        inter = (q.float() * cum.exp()[..., None]) @ states_in  # (B, H, N, C, Dv)
+def _within_chunk_decay(cum: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, C) -> (B, H, N, C, C): exp(cum_t - cum_s) for s <= t, else 0 (masked before exp)."""
+    chunk = cum.shape[-1]
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=cum.device).triu(1)
+    return (cum[..., :, None] - cum[..., None, :]).masked_fill_(upper, -math.inf).exp_()
 
-    out = (out.float() + inter).to(v.dtype).reshape(batch, heads, n_chunks * chunk, dv)
-    return out[:, :, :length], final_state
+
+def _scan(
+    values: torch.Tensor, chunk_decay: torch.Tensor, start: torch.Tensor | None, reverse: bool = False
+) -> torch.Tensor:
+    """The chunk-to-chunk recurrence, in place over values (B, H, N, Dk, Dv), fp32, contiguous.
+
+    chunk_decay a: (B, H, N), each chunk's total log-decay (<= 0).
+    Forward, X_{n+1} = exp(a_n) X_n + values_n with X_0 = start (or 0): values[n] becomes X_n (the state
+    entering chunk n) and X_N is returned.
+    Reverse, its backward G_n = exp(a_n) G_{n+1} + values_n with G_N = start (or 0): values[n] becomes
+    G_{n+1} (the gradient of chunk n's update) and G_0 is returned.
+    """
+    n_chunks = values.shape[2]
+    if values.device.type == "cpu":
+        # N small elementwise steps: on a CPU far cheaper than the (N + 1) x (N + 1) matmul below.
+        decay = chunk_decay.exp()[..., None, None]  # (B, H, N, 1, 1)
+        state = start.float().clone() if start is not None else torch.zeros_like(values[:, :, 0])
+        spare = torch.empty_like(state)
+        for n in range(n_chunks - 1, -1, -1) if reverse else range(n_chunks):
+            torch.addcmul(values[:, :, n], state, decay[:, :, n], out=spare)
+            values[:, :, n].copy_(state)
+            state, spare = spare, state
+        return state
+    # On accelerators one matmul over [X_0, U_0, ..., U_{N-1}] (forward) or [D_0, ..., D_{N-1}, G_N]
+    # (reverse). With A_j = a_0 + ... + a_{j-1}: slot j becomes sum_{i<=j} exp(A_j - A_i) slot_i, or
+    # sum_{i>=j} exp(A_i - A_j) slot_i for the reverse; every exponent is <= 0.
+    end = start.float() if start is not None else torch.zeros_like(values[:, :, 0])
+    slots = torch.cat([end[:, :, None], values] if not reverse else [values, end[:, :, None]], dim=2)
+    cumulative = F.pad(chunk_decay.cumsum(-1), (1, 0))  # (B, H, N + 1)
+    later = torch.ones(n_chunks + 1, n_chunks + 1, dtype=torch.bool, device=values.device).triu(1)
+    weights = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(later, -math.inf).exp()
+    if reverse:
+        weights = weights.transpose(-1, -2)
+    mixed = (weights @ slots.flatten(-2)).view(slots.shape)  # (B, H, N + 1, Dk, Dv)
+    if reverse:
+        values.copy_(mixed[:, :, 1:])
+        return mixed[:, :, 0]
+    values.copy_(mixed[:, :, :-1])
+    return mixed[:, :, -1]
+
+
+class _ChunkedLinearAttention(torch.autograd.Function):
+    """The chunked parallel form with a hand-written backward.
+
+    Per chunk n (decays fp32, cum the chunk-local cumulative log-decay, S_n the state entering it):
+      A = (q k^T) * within,  o = A v + exp(cum) * (q S_n),  U_n = k^T (exp(cum_last - cum) * v),
+      S_{n+1} = exp(cum_last) S_n + U_n.
+    Autograd through that expression keeps extra (B, H, N, C, C) intermediates and runs matmuls on badly
+    strided operands; here every matmul runs on contiguous blocks, into existing buffers where it can. The
+    log-decay gradient uses d(cumulative log-decay at t) = q_t . dq_t - k_t . dk_t (every output term pairs
+    a query's decay with a key's), summed backwards over the sequence.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size, compute_dtype):
+        ctx.set_materialize_grads(False)
+        length = q.shape[2]
+        chunk = min(chunk_size, length)
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc, vc = (_to_chunks(t, chunk) for t in (q, k, v))  # (B, H, N, C, D), inputs' dtypes
+            q_, k_, v_ = (t.to(compute_dtype) for t in (qc, kc, vc))
+            cum = _chunk_cumsum(log_decay, chunk)  # (B, H, N, C)
+            within = _within_chunk_decay(cum)  # (B, H, N, C, C)
+            scores = _masked(_bmm(q_, k_.transpose(-1, -2)), within)
+            # The output buffer first holds exp(cum_last - cum) * v, the scaled values of the chunk updates.
+            out = vc.float() * (cum[..., -1:] - cum).exp()[..., None]  # (B, H, N, C, Dv)
+            states = _bmm(kc.float().transpose(-1, -2), out)  # U_n: (B, H, N, Dk, Dv) ...
+            final_state = _scan(states, cum[..., -1], initial_state)  # ... now the state entering chunk n
+            _bmm(qc.float(), states, out=out).mul_(cum.exp()[..., None])
+            _bmm_add(out, scores, v_)
+        ctx.save_for_backward(qc, kc, vc, log_decay, within, scores, states, final_state)
+        ctx.chunk, ctx.length, ctx.compute_dtype = chunk, length, compute_dtype
+        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
+        return _from_chunks(out, length, v.dtype), final_state
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final):
+        qc, kc, vc, log_decay, within, scores, states, final_state = ctx.saved_tensors
+        chunk, length, dtype = ctx.chunk, ctx.length, ctx.compute_dtype
+        with torch.autocast(qc.device.type, enabled=False):
+            cum = _chunk_cumsum(log_decay, chunk)
+            to_query, to_end = cum.exp()[..., None], (cum[..., -1:] - cum).exp()[..., None]  # (B, H, N, C, 1)
+            if grad_out is None:
+                grad_out = torch.zeros(*qc.shape[:2], length, vc.shape[-1], device=qc.device)
+            go = _to_chunks(grad_out, chunk)  # (B, H, N, C, Dv)
+            q32, k32, v32, go32 = (t.float() for t in (qc, kc, vc, go))
+            q_, k_, v_, go_ = (t.to(dtype) for t in (qc, kc, vc, go))
+            # Across chunks: the gradient each entering state gets from its own chunk's outputs; the reverse
+            # scan turns it into the gradient of each chunk's update U_n ("leaving").
+            scratch = go32 * to_query  # (B, H, N, C, Dv); reused below
+            leaving = _bmm(q32.transpose(-1, -2), scratch)  # (B, H, N, Dk, Dv)
+            grad_initial = _scan(leaving, cum[..., -1], grad_final, reverse=True)
+            key_scratch = scratch if kc.shape == go.shape else None  # (Dk = Dv in every model here)
+            grad_v = _bmm(_mul(k32, to_end, key_scratch), leaving)
+            grad_k = _bmm(v32, leaving.transpose(-1, -2)).mul_(to_end)
+            grad_q = _bmm(go32, states.transpose(-1, -2)).mul_(to_query)
+            # Log-decays: d cum_t = q_t . dq_t - k_t . dk_t (+ <dS_final, S_final> at the last step). In fp32
+            # one pass over the full gradients does it; with low-precision chunk matmuls their rounding,
+            # summed over the whole sequence, would swamp it, so the within-chunk part then comes from the
+            # fp32 products dA * A of the score matrices instead (row sums: t as query; column sums: as key).
+            exact = dtype == torch.float32
+            if not exact:
+                grad_cum = _mul(q32, grad_q, key_scratch).sum(-1)
+                grad_cum -= _mul(k32, grad_k, key_scratch).sum(-1)  # (B, H, N, C), across-chunk part
+            # Within chunks.
+            _bmm_add(grad_v, scores.transpose(-1, -2), go_)
+            grad_scores = _bmm(go_, v_.transpose(-1, -2))  # dA
+            if exact:
+                grad_scores.mul_(within)
+            else:
+                grad_scores = grad_scores.float()
+                products = grad_scores * scores.float()  # dA * A
+                grad_cum += products.sum(-1) - products.sum(-2)
+                grad_scores = grad_scores.mul_(within).to(dtype)
+            _bmm_add(grad_q, grad_scores, k_)
+            _bmm_add(grad_k, grad_scores.transpose(-1, -2), q_)
+            if exact:
+                grad_cum = _mul(q32, grad_q, key_scratch).sum(-1)
+                grad_cum -= _mul(k32, grad_k, key_scratch).sum(-1)  # (B, H, N, C)
+            grad_cum = grad_cum.flatten(2)  # (B, H, N * C)
+            if grad_final is not None:
+                grad_cum[..., -1] += (grad_final.float() * final_state).sum((-1, -2))
+            grad_decay = grad_cum.flip(-1).cumsum(-1).flip(-1)[..., :length]
+        grad_initial = grad_initial.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None
+        return (
+            _from_chunks(grad_q, length, qc.dtype),
+            _from_chunks(grad_k, length, kc.dtype),
+            _from_chunks(grad_v, length, vc.dtype),
+            grad_decay.to(log_decay.dtype),
+            grad_initial,
+            None,
+            None,
+        )
 
 
 def recurrent_step(

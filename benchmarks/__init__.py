@@ -1,0 +1,1 @@
+"""Benchmarks of the Apertis model and training recipes (`apertis bench ...`); see benchmarks/README.md."""

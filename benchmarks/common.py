@@ -1,0 +1,139 @@
+"""Timing and reporting helpers shared by the benchmarks.
+
+Timings on a shared machine are noisy, so every comparison is measured side by side in one process:
+each case is warmed up, then the cases run in turns (the order rotates every round, so none always
+follows the same neighbour) and each reports the median of its rounds. Ratios of such medians are the
+numbers to read; absolute times move with the machine's load, which `describe_machine` records.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)  # one per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how much the rounds disagreed."""
+        return (max(self.seconds) - min(self.seconds)) / self.median if self.seconds else 0.0
+
+
+def time_interleaved(
+    cases: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+    calls_per_round: int = 1,
+) -> dict[str, Timing]:
+    """Seconds per call of each case: `warmup` untimed calls each, then `repeats` rounds that run every
+    case once (`calls_per_round` calls, timed together and divided), in an order that rotates."""
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+    sync()
+    timings = {name: Timing() for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls_per_round):
+                cases[name]()
+            sync()
+            timings[name].seconds.append((time.perf_counter() - start) / calls_per_round)
+    return timings
+
+
+def cpu_model() -> str:
+    """The processor's marketing name, as the OS reports it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device | str) -> dict[str, str]:
+    """What the numbers were measured on: CPU, cores, threads, torch, accelerator, load."""
+    device = torch.device(device)
+    info = {
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device"] = f"cuda: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    if hasattr(os, "getloadavg"):
+        info["load average (1/5/15 min)"] = " / ".join(f"{load:.2f}" for load in os.getloadavg())
+    return info
+
+
+def tensor_bytes(obj) -> int:
+    """Total bytes of every tensor inside nested lists, tuples and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def format_table(title: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into a README) under a `### title` line."""
+    cells = [[str(cell) for cell in header]] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([f"### {title}", "", line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
