@@ -24,7 +24,9 @@ class GenerationConfig:
     seed: int | None = None  # fixes sampling for reproducible output
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """logits: (B, V) fp32; seen: (B, V) bool of tokens already present -> next ids (B,)."""
     if config.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / config.repetition_penalty, logits * config.repetition_penalty)

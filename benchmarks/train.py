@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget per recipe")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--recipes", default="apertis,transformer", help="comma-separated: apertis, transformer")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="run-config override, e.g. train.lr=1e-3")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="run-config override, e.g. train.lr=1e-3"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if not args.corpus.is_file():

@@ -69,7 +69,9 @@ def make_scene(rng: random.Random, size: int = 64, n_objects: int = 6, radius: i
             objects.append(Shape(colours[len(objects)], rng.choice(SHAPES), x, y))
             if len(objects) == n_objects:
                 return Scene(size, radius, tuple(objects))
-    raise ValueError(f"could not place {n_objects} objects of radius {radius} apart on a {size}px canvas; use a larger size")
+    raise ValueError(
+        f"could not place {n_objects} objects of radius {radius} apart on a {size}px canvas; use a larger size"
+    )
 
 
 def render(scene: Scene) -> Image.Image:
@@ -118,7 +120,9 @@ def questions(scene: Scene) -> list[Question]:
         if shape_counts[o.shape] == 1:
             found.append(Question(f"What colour is the {o.shape}?", o.colour, "nonrel", "colour"))
         found += _relational(scene, o, the)
-        found.append(Question(f"How many objects have the same shape as {the}?", str(shape_counts[o.shape]), "rel", "count"))
+        found.append(
+            Question(f"How many objects have the same shape as {the}?", str(shape_counts[o.shape]), "rel", "count")
+        )
     return found
 
 
@@ -127,7 +131,10 @@ def _relational(scene: Scene, o: Shape, the: str) -> list[Question]:
     if len(others) < 2:
         return []  # with one other object "closest" and "farthest" are the same, and zero is meaningless
     found = []
-    for word, qword, first, second in (("closest", "to", others[0], others[1]), ("farthest", "from", others[-1], others[-2])):
+    for word, qword, first, second in (
+        ("closest", "to", others[0], others[1]),
+        ("farthest", "from", others[-1], others[-2]),
+    ):
         if first[0] == second[0]:
             continue  # a tie would make the answer ambiguous
         target = scene.objects[first[1]]

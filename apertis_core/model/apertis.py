@@ -34,7 +34,11 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = SelectiveLinearAttention(cfg) if cfg.mixer_kind(layer) == "S" else SoftmaxAttention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = AdaptiveExpertSystem(cfg) if cfg.uses_experts(layer) else GatedFFN(cfg.d_model, cfg.dense_hidden(), cfg.ffn_type)
+        self.ffn = (
+            AdaptiveExpertSystem(cfg)
+            if cfg.uses_experts(layer)
+            else GatedFFN(cfg.d_model, cfg.dense_hidden(), cfg.ffn_type)
+        )
         self.strc_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.uses_strc(layer) else None
         self.strc = StateTrackingCell(cfg) if cfg.uses_strc(layer) else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -111,7 +115,9 @@ class ApertisModel(nn.Module):
         if not images:
             return x
         if self.vision is None:
-            raise ValueError("this model has no image encoder; build it with image_encoder set (e.g. 'vit') to use images")
+            raise ValueError(
+                "this model has no image encoder; build it with image_encoder set (e.g. 'vit') to use images"
+            )
         image_tokens = torch.cat(self.vision(images))  # (sum of patches, D)
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != image_tokens.shape[0]:
@@ -122,7 +128,9 @@ class ApertisModel(nn.Module):
         return x.masked_scatter(slots[..., None], image_tokens.to(x.dtype))
 
     # ---- forward, state, step ---------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None, state: list[dict] | None = None) -> ModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None, state: list[dict] | None = None
+    ) -> ModelOutput:
         """input_ids: (B, T). With `state`, continue from it (prompt processing) and return the new one."""
         x = self._embed(input_ids, images)
         aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -137,7 +145,9 @@ class ApertisModel(nn.Module):
 
     def init_state(self, batch_size: int) -> list[dict]:
         param = self.embed.weight
-        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) else param.dtype
+        dtype = (
+            torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) else param.dtype
+        )
         return [block.init_state(batch_size, param.device, dtype) for block in self.blocks]
 
     def step(self, token_ids: torch.Tensor, state: list[dict]) -> tuple[torch.Tensor, list[dict]]:

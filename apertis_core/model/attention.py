@@ -29,8 +29,11 @@ class SoftmaxAttention(nn.Module):
 
     def _project(self, x: torch.Tensor, start: int):
         """x: (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh), positioned from `start`."""
-        q, k, v = self.qkv(x).unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim)).transpose(1, 2).split(
-            [self.heads, self.kv_heads, self.kv_heads], dim=1
+        q, k, v = (
+            self.qkv(x)
+            .unflatten(-1, (self.heads + 2 * self.kv_heads, self.head_dim))
+            .transpose(1, 2)
+            .split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         )
         if self.qk_norm:
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)

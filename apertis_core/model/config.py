@@ -119,10 +119,19 @@ class ModelConfig:
         """Raise ConfigError naming the field if the combination cannot build a model."""
         checks = [
             (self.vocab_size > 0, "vocab_size must be positive"),
-            (self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0, "d_model, n_layers, n_heads must be positive"),
-            (self.head_dim > 0 or self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads (or set head_dim)"),
+            (
+                self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
+                "d_model, n_layers, n_heads must be positive",
+            ),
+            (
+                self.head_dim > 0 or self.d_model % self.n_heads == 0,
+                "d_model must be divisible by n_heads (or set head_dim)",
+            ),
             (self.kv_heads() > 0 and self.n_heads % self.kv_heads() == 0, "n_heads must be a multiple of n_kv_heads"),
-            (bool(self.layer_pattern) and set(self.layer_pattern) <= {"S", "A"}, "layer_pattern uses only S (SLA) and A (attention)"),
+            (
+                bool(self.layer_pattern) and set(self.layer_pattern) <= {"S", "A"},
+                "layer_pattern uses only S (SLA) and A (attention)",
+            ),
             (self.sla_chunk_size > 0, "sla_chunk_size must be positive"),
             (self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts, "moe_top_k must be between 1 and n_experts"),
             (0.0 < self.moe_threshold <= 1.0, "moe_threshold must be in (0, 1]"),
@@ -178,8 +187,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "apertis-base": dict(_APERTIS, d_model=768, n_layers=12, n_heads=12, max_seq_len=2048),
     "apertis-large": dict(_APERTIS, d_model=1024, n_layers=24, n_heads=16, max_seq_len=4096),
     # Mostly SLA, one softmax-attention layer in four for exact recall.
-    "apertis-hybrid-nano": dict(_APERTIS, layer_pattern="SSSA", d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=4, max_seq_len=256),
-    "apertis-hybrid-small": dict(_APERTIS, layer_pattern="SSSA", d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
+    "apertis-hybrid-nano": dict(
+        _APERTIS, layer_pattern="SSSA", d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=4, max_seq_len=256
+    ),
+    "apertis-hybrid-small": dict(
+        _APERTIS, layer_pattern="SSSA", d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024
+    ),
     # Llama-style baselines: RoPE, GQA, SwiGLU, RMSNorm.
     "transformer-nano": dict(_LLAMA, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "transformer-small": dict(_LLAMA, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),

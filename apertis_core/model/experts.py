@@ -16,9 +16,7 @@ from .config import ModelConfig
 from .layers import GatedFFN
 
 
-def route(
-    probs: torch.Tensor, top_k: int, mode: str, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(probs: torch.Tensor, top_k: int, mode: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """probs: (N, E) router probabilities -> (weights (N, k), experts (N, k)).
 
     Top-k keeps k experts. Dynamic keeps experts in order of probability until their cumulative
@@ -62,7 +60,9 @@ class AdaptiveExpertSystem(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, 2 * width))  # x @ W layout
         self.down = nn.Parameter(torch.empty(cfg.n_experts, width, cfg.d_model))
         self.down.is_residual_output = True
-        self.shared = GatedFFN(cfg.d_model, width * cfg.n_shared_experts, cfg.ffn_type) if cfg.n_shared_experts else None
+        self.shared = (
+            GatedFFN(cfg.d_model, width * cfg.n_shared_experts, cfg.ffn_type) if cfg.n_shared_experts else None
+        )
         self.register_buffer("last_utilisation", torch.zeros(cfg.n_experts), persistent=False)
         self.register_buffer("last_experts_per_token", torch.zeros(()), persistent=False)
 

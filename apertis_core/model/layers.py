@@ -54,7 +54,9 @@ class Rotary:
         self.scaling = scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim)
+        )
         angles = (positions.float() / self.scaling)[:, None] * inv_freq[None, :]  # (T, dim/2)
         angles = torch.cat([angles, angles], dim=-1)  # (T, dim)
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -77,7 +79,7 @@ class CausalDepthwiseConv(nn.Module):
         super().__init__()
         self.kernel = kernel
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
-        nn.init.uniform_(self.weight, -kernel**-0.5, kernel**-0.5)
+        nn.init.uniform_(self.weight, -(kernel**-0.5), kernel**-0.5)
 
     def init_state(self, batch_size: int, device, dtype) -> torch.Tensor:
         return torch.zeros(batch_size, self.weight.shape[0], self.kernel - 1, device=device, dtype=dtype)
@@ -88,7 +90,7 @@ class CausalDepthwiseConv(nn.Module):
         history = state.to(x.dtype) if state is not None else x.new_zeros(x.shape[0], x.shape[1], self.kernel - 1)
         padded = torch.cat([history, x], dim=-1)  # (B, C, K - 1 + T)
         y = F.conv1d(padded, self.weight.to(x.dtype), groups=x.shape[1])
-        new_state = padded[..., -(self.kernel - 1):] if state is not None else None
+        new_state = padded[..., -(self.kernel - 1) :] if state is not None else None
         return y.transpose(1, 2), new_state
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

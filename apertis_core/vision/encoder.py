@@ -32,7 +32,9 @@ class UnifiedMultimodalEncoder(nn.Module):
         elif cfg.image_encoder in ("resnet18", "resnet34", "resnet50"):
             self.backbone = ResNetPatchEncoder(cfg.image_encoder, cfg.image_patch_size)
         else:
-            raise ConfigError(f"model config: image_encoder {cfg.image_encoder!r} builds no encoder; use vit or resnet18/34/50")
+            raise ConfigError(
+                f"model config: image_encoder {cfg.image_encoder!r} builds no encoder; use vit or resnet18/34/50"
+            )
         self.projector = nn.Sequential(
             nn.Linear(self.backbone.out_width, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model)
         )
@@ -98,7 +100,9 @@ class ViTPatchEncoder(nn.Module):
         super().__init__()
         width = cfg.image_encoder_width or cfg.d_model
         if width % cfg.n_heads:
-            raise ConfigError(f"model config: image_encoder_width ({width}) must be divisible by n_heads ({cfg.n_heads})")
+            raise ConfigError(
+                f"model config: image_encoder_width ({width}) must be divisible by n_heads ({cfg.n_heads})"
+            )
         self.out_width = width
         self.patchify = nn.Conv2d(3, width, kernel_size=cfg.image_patch_size, stride=cfg.image_patch_size)
         self.row_embed = nn.Embedding(cfg.image_max_patches, width)
@@ -107,7 +111,8 @@ class ViTPatchEncoder(nn.Module):
         nn.init.normal_(self.col_embed.weight, std=cfg.init_std)
         hidden = -(-int(width * 8 / 3) // 64) * 64  # the usual SwiGLU width, rounded up to 64
         self.blocks = nn.ModuleList(
-            EncoderBlock(width, cfg.n_heads, hidden, cfg.ffn_type, cfg.norm_eps) for _ in range(cfg.image_encoder_layers)
+            EncoderBlock(width, cfg.n_heads, hidden, cfg.ffn_type, cfg.norm_eps)
+            for _ in range(cfg.image_encoder_layers)
         )
         self.norm = RMSNorm(width, cfg.norm_eps)
 
