@@ -73,13 +73,50 @@ def test_long_chats_are_truncated_and_ones_left_without_targets_are_dropped():
 
 def test_caption_samples_keep_their_images_and_skip_placeholder_loss():
     image = Path("cat.png")
-    train, _ = build([Record("text", "See <image>\nA cat.", None, [image]), text("plain words here")], seq_len=24)
+    records = [Record("text", "See <image>\nA cat.", None, [image]), text("plain words here")]
+    train, _ = build_datasets(records, TOK, DataConfig(seq_len=24, val_fraction=0.0), image_tokens=lambda _: 3)
     samples = [train[k] for k in range(len(train))]
     caption = next(s for s in samples if s["images"])
-    assert caption["images"] == [image] and caption["input_ids"][4] == TOK.image_id
+    assert caption["images"] == [image]
+    assert caption["input_ids"][4:7].tolist() == [TOK.image_id] * 3  # one position per patch
+    assert caption["input_ids"][7] != TOK.image_id
     assert TOK.decode(targets(caption), skip_special=False) == "ee \nA cat.<|eot|>"
     batch = next(BatchLoader(train, batch_size=len(train)))
     assert sorted(map(len, batch.images)) == [0, 1]
+
+
+def test_image_positions_never_receive_a_loss():
+    images = [Path("a.png"), Path("b.png")]
+    vqa = Record("chat", None, [
+        {"role": "user", "content": "<image>\nWhich colour? <image>"},
+        {"role": "assistant", "content": "red"},
+    ], images)  # fmt: skip
+    caption = Record("text", "<image>\n<image>\nTwo squares.", None, images)
+    train, _ = build_datasets([vqa, caption], TOK, DataConfig(seq_len=64, val_fraction=0.0), lambda p: len(p.stem) + 4)
+    for k in range(len(train)):
+        item = train[k]
+        ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+        assert ids.count(TOK.image_id) == 2 * 5  # both images, 5 positions each
+        targets_image = [t for t in labels if t == TOK.image_id]
+        assert not targets_image, "an image position was a training target"
+        assert targets(item)  # ...while the text still trains
+
+
+def test_truncation_never_keeps_part_of_an_image():
+    images = [Path("a.png"), Path("b.png")]
+    record = Record("text", "ab<image>cd<image>efgh", None, images)
+    train, _ = build_datasets([record], TOK, DataConfig(seq_len=10, val_fraction=0.0), image_tokens=lambda _: 4)
+    (item,) = [train[k] for k in range(len(train))]
+    # a b [4 slots] c d fill 8 positions; the second image's 4 would end at 12 > 10 + 1: cut before it.
+    assert item["images"] == [images[0]]
+    assert item["input_ids"].tolist().count(TOK.image_id) == 4
+    assert TOK.decode(targets(item), skip_special=False) == "bcd"
+
+
+def test_images_without_an_image_encoder_are_a_clear_error():
+    record = Record("text", "<image>\nA cat.", None, [Path("cat.png")])
+    with pytest.raises(ConfigError, match="image_encoder"):
+        build([record], seq_len=16)
 
 
 def test_random_split_is_seeded_disjoint_and_complete():

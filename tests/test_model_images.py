@@ -5,6 +5,7 @@ import torch
 
 from apertis_core import ApertisModel
 from apertis_core.vision import num_image_tokens
+
 from conftest import tiny_config
 
 IMAGE_ID = 5

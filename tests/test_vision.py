@@ -9,12 +9,23 @@ import torch
 from PIL import Image
 
 from apertis_core import ConfigError, ModelConfig
-from apertis_core.vision import ImageError, image_grid, load_image, num_image_tokens, preprocess_image
+from apertis_core.vision import (
+    Augment,
+    ImageCache,
+    ImageError,
+    file_image_tokens,
+    image_grid,
+    load_image,
+    num_image_tokens,
+    preprocess_image,
+)
 from apertis_core.vision.encoder import UnifiedMultimodalEncoder
 
 
 def encoder_config(kind="vit", **overrides):
-    base = dict(d_model=32, n_heads=4, image_encoder=kind, image_patch_size=8, image_max_patches=16, image_encoder_layers=2)
+    base = dict(
+        d_model=32, n_heads=4, image_encoder=kind, image_patch_size=8, image_max_patches=16, image_encoder_layers=2
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -85,6 +96,29 @@ def test_transparent_pixels_become_white_not_black():
     assert torch.allclose(tensor, white)
 
 
+def test_file_token_count_matches_the_preprocessed_image_even_when_exif_rotates_it(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees": a 60x20 sensor image is shown 20 wide, 60 tall
+    two_halves(60, 20).save(path, exif=exif)
+    count = file_image_tokens(path, 8, 16)
+    assert count == num_image_tokens(preprocess_image(path, 8, 16), 8)
+    assert image_grid(20, 60, 8, 16)[0] > image_grid(20, 60, 8, 16)[1]  # taller than wide after rotation
+
+
+def test_image_cache_gives_the_plain_preprocessing_and_fresh_augmentation(tmp_path):
+    path = tmp_path / "a.png"
+    two_halves(50, 30).save(path)
+    cache = ImageCache(8, 16)
+    assert torch.equal(cache.image(path, train=False), preprocess_image(path, 8, 16))
+    assert torch.equal(cache.image(path, train=True), preprocess_image(path, 8, 16))  # no Augment: none applied
+    jittered = ImageCache(8, 16, Augment(brightness=0.5))
+    assert not torch.equal(jittered.image(path, train=True), jittered.image(path, train=True))
+    assert cache.batch([[path], [], [path, path]], train=False) is not None
+    assert len(cache.batch([[path], [], [path, path]], train=False)) == 3
+    assert cache.batch([[], []], train=False) is None
+
+
 def test_num_image_tokens_rejects_unpadded_sizes():
     with pytest.raises(ValueError, match="preprocess_image"):
         num_image_tokens(torch.zeros(3, 30, 32), 8)
@@ -95,6 +129,7 @@ def test_num_image_tokens_rejects_unpadded_sizes():
 
 def png_claiming_size(path, width, height):
     """A tiny valid-looking PNG whose header claims width x height pixels (a decompression bomb)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -145,7 +180,9 @@ def test_non_image_and_missing_files(tmp_path):
 @pytest.mark.parametrize("kind, patch", [("vit", 8), ("resnet18", 16)])
 def test_encoder_output_shapes_for_mixed_sizes(kind, patch):
     encoder = UnifiedMultimodalEncoder(encoder_config(kind, image_patch_size=patch))
-    images = [preprocess_image(Image.new("RGB", size, (9, 99, 199)), patch, 16) for size in [(40, 40), (100, 30), (5, 90)]]
+    images = [
+        preprocess_image(Image.new("RGB", size, (9, 99, 199)), patch, 16) for size in [(40, 40), (100, 30), (5, 90)]
+    ]
     out = encoder(images)
     assert [o.shape for o in out] == [(num_image_tokens(i, patch), 32) for i in images]
     assert [o.shape[0] for o in out] == [16, 14, 16]

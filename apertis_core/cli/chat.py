@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, TextIO
 
 from .common import (
     add_sampling_args,
-    expand_image_tokens,
     generation_config,
     load_model,
     load_prompt_image,
@@ -144,7 +143,7 @@ def _answer(model, tokenizer, config, conversation: Conversation, out: TextIO) -
         messages, images = conversation.prompt()
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         if images:
-            ids = expand_image_tokens(ids, tokenizer.image_id, images, model.config.image_patch_size)
+            ids = model.expand_image_tokens(ids, images)
         if len(ids) <= budget or not conversation.drop_oldest_turn():
             break
     prefix = "assistant> " if out.isatty() else ""

@@ -64,20 +64,6 @@ def load_prompt_image(model: ApertisModel, path: str) -> torch.Tensor:
     return preprocess_image(path, config.image_patch_size, config.image_max_patches)
 
 
-def expand_image_tokens(ids: list[int], image_id: int, images: list[torch.Tensor], patch_size: int) -> list[int]:
-    """Each `<image>` id -> as many positions as its image has patches (the model fills them in order)."""
-    from ..vision import num_image_tokens
-
-    slots = [i for i, token in enumerate(ids) if token == image_id]
-    if len(slots) != len(images):
-        raise ValueError(f"the prompt has {len(slots)} <image> markers but {len(images)} images were given")
-    counts = iter(num_image_tokens(image, patch_size) for image in images)
-    out: list[int] = []
-    for token in ids:
-        out.extend([token] * next(counts) if token == image_id else [token])
-    return out
-
-
 def stream_reply(
     model: ApertisModel,
     tokenizer: Tokenizer,

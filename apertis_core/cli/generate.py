@@ -7,7 +7,6 @@ import sys
 
 from .common import (
     add_sampling_args,
-    expand_image_tokens,
     generation_config,
     load_model,
     load_prompt_image,
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         # Plain continuation; documents are separated by end-of-text in training, so it also starts one.
         ids = tokenizer.encode(text) or [tokenizer.eot_id]
     if images:
-        ids = expand_image_tokens(ids, tokenizer.image_id, images, model.config.image_patch_size)
+        ids = model.expand_image_tokens(ids, images)
     config = generation_config(args, stop_ids=[tokenizer.eot_id])
     out = sys.stdout
     if not args.chat:

@@ -17,6 +17,7 @@ class DataConfig:
     seed: int = 0  # fixes the split so train/val never change between runs or on resume
     vocab_size: int = 4096  # size of the tokenizer trained on the data (<= 262 gives a byte-level one)
     tokenizer: str = ""  # an existing tokenizer.json (or bundle folder) to reuse; "" trains one on the data
+    image_augment: bool = True  # small random brightness/contrast/saturation changes; never hue or flips
 
     def __post_init__(self):
         # Checked here so a bad YAML value fails at load time, naming the key, not deep inside training.

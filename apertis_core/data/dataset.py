@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
@@ -21,9 +21,10 @@ IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: no loss at this p
 
 
 class Encoded(NamedTuple):
-    ids: list[int]
+    ids: list[int]  # each <image> already expanded to its patch count
     trainable: list[bool] | None  # per token: may it be a target? None = all (plain text, packed)
     images: list[Path]
+    image_spans: list[tuple[int, int]]  # [start, end) of each image's positions in ids
 
 
 class _Window(NamedTuple):
@@ -32,22 +33,41 @@ class _Window(NamedTuple):
     images: tuple[Path, ...]
 
 
-def encode_records(records: Sequence[Record], tokenizer) -> list[Encoded]:
-    """Token ids as the model will see them: text + <|eot|>, chats through the chat template.
+ImageTokens = Callable[[Path], int]  # an image file -> the positions it fills (its patch count)
 
-    Plain text trains on every token; a caption trains on its text but not on the <image> placeholders.
-    """
+
+def encode_records(records: Sequence[Record], tokenizer, image_tokens: ImageTokens | None = None) -> list[Encoded]:
+    """Token ids as the model will see them: text + <|eot|>, chats through the chat template, and each
+    <image> widened to `image_tokens(file)` positions. Plain text trains on every token; image positions
+    never train, and in chats only the assistant's words do."""
     texts = iter(tokenizer.encode_batch([r.text for r in records if r.kind == "text"]))
     out = []
     for record in records:
         if record.kind == "chat":
             ids, mask = tokenizer.encode_chat(record.messages)
-            out.append(Encoded(ids, mask, record.images))
+        else:
+            ids, mask = next(texts) + [tokenizer.eot_id], None
+        if not record.images:
+            out.append(Encoded(ids, mask, [], []))
             continue
-        ids = next(texts) + [tokenizer.eot_id]
-        mask = [i != tokenizer.image_id for i in ids] if record.images else None
-        out.append(Encoded(ids, mask, record.images))
+        if image_tokens is None:
+            raise ConfigError("the data has images but the model has no image encoder; set model.image_encoder=vit")
+        out.append(_with_image_positions(ids, mask, record.images, tokenizer.image_id, image_tokens))
     return out
+
+
+def _with_image_positions(ids, mask, images, image_id: int, image_tokens: ImageTokens) -> Encoded:
+    from ..vision.preprocess import image_token_repeats  # vision imports data: import it only when used
+
+    repeats = image_token_repeats(ids, image_id, [image_tokens(path) for path in images])
+    mask = mask or [True] * len(ids)
+    wide_ids, wide_mask, spans = [], [], []
+    for token, trainable, repeat in zip(ids, mask, repeats, strict=True):
+        if token == image_id:
+            spans.append((len(wide_ids), len(wide_ids) + repeat))
+        wide_ids += [token] * repeat
+        wide_mask += [trainable and token != image_id] * repeat
+    return Encoded(wide_ids, wide_mask, list(images), spans)
 
 
 class TokenDataset(Dataset):
@@ -75,19 +95,22 @@ class TokenDataset(Dataset):
         return {"input_ids": input_ids, "labels": labels, "images": list(window.images)}
 
 
-def build_datasets(records: Sequence[Record], tokenizer, cfg: DataConfig) -> tuple[TokenDataset, TokenDataset]:
-    """(train, val) for `cfg`; the same records, tokenizer and config always give the same split."""
+def build_datasets(
+    records: Sequence[Record], tokenizer, cfg: DataConfig, image_tokens: ImageTokens | None = None
+) -> tuple[TokenDataset, TokenDataset]:
+    """(train, val) for `cfg`; the same records, tokenizer and config always give the same split.
+    `image_tokens` gives an image file's patch count (the model's encoder decides it); text-only data needs none."""
     if not records:
         raise ConfigError(
             f"data.path {cfg.path!r}: no usable records. Run `apertis data validate {cfg.path or 'PATH'}` to see why."
         )
     if cfg.split == "tail":
         train_records, val_records = tail_split(records, cfg.val_fraction)
-        train = make_windows(encode_records(train_records, tokenizer), cfg.seq_len)
-        val = make_windows(encode_records(val_records, tokenizer), cfg.seq_len)
+        train = make_windows(encode_records(train_records, tokenizer, image_tokens), cfg.seq_len)
+        val = make_windows(encode_records(val_records, tokenizer, image_tokens), cfg.seq_len)
     else:
         train, val = _random_split(
-            make_windows(encode_records(records, tokenizer), cfg.seq_len), cfg.val_fraction, cfg.seed
+            make_windows(encode_records(records, tokenizer, image_tokens), cfg.seq_len), cfg.val_fraction, cfg.seed
         )
     if not train or (cfg.val_fraction > 0 and not val):
         raise ConfigError(
@@ -100,13 +123,21 @@ def build_datasets(records: Sequence[Record], tokenizer, cfg: DataConfig) -> tup
 
 def make_windows(encoded: Sequence[Encoded], seq_len: int) -> list[_Window]:
     """Plain text: one stream, windows of seq_len + 1 tokens every seq_len (each token is a target once; the
-    last window may be short). Samples: one window each, truncated; those left with no target are dropped."""
+    last window may be short). Samples: one window each, truncated before any image that would not fit
+    whole; those left with no target are dropped."""
     stream = torch.tensor(list(chain.from_iterable(e.ids for e in encoded if e.trainable is None)), dtype=torch.long)
     windows = [_Window(stream[s : s + seq_len + 1], None, ()) for s in range(0, len(stream) - 1, seq_len)]
     for e in encoded:
-        if e.trainable is not None and any(e.trainable[1 : seq_len + 1]):
-            ids = torch.tensor(e.ids[: seq_len + 1], dtype=torch.long)
-            windows.append(_Window(ids, torch.tensor(e.trainable[: seq_len + 1]), tuple(e.images)))
+        if e.trainable is None:
+            continue
+        end, kept = seq_len + 1, len(e.images)
+        for index, (start, stop) in enumerate(e.image_spans):
+            if stop > end:  # half an image would leave its patches without a place: cut before it
+                end, kept = start, index
+                break
+        if any(e.trainable[1:end]):
+            ids = torch.tensor(e.ids[:end], dtype=torch.long)
+            windows.append(_Window(ids, torch.tensor(e.trainable[:end]), tuple(e.images[:kept])))
     return windows
 
 

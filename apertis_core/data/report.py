@@ -63,7 +63,8 @@ class ValidationReport:
 
 def dataset_stats(records: Sequence[Record], tokenizer=None) -> dict:
     """records, kinds, characters, images; with a tokenizer also tokens (template and <|eot|> included,
-    as trained); `length` describes per-record lengths in tokens when known, else in characters."""
+    as trained; an image counts as its one <image> placeholder, since its patch count depends on the
+    model); `length` describes per-record lengths in tokens when known, else in characters."""
     chars = [r.characters for r in records]
     stats = {
         "records": len(records),
@@ -73,7 +74,7 @@ def dataset_stats(records: Sequence[Record], tokenizer=None) -> dict:
     }
     lengths, unit = chars, "characters"
     if tokenizer is not None:
-        lengths, unit = [len(e.ids) for e in encode_records(records, tokenizer)], "tokens"
+        lengths, unit = [len(e.ids) for e in encode_records(records, tokenizer, lambda _: 1)], "tokens"
         stats["tokens"] = sum(lengths)
     stats["length"] = length_stats(lengths, unit)
     return stats

@@ -127,6 +127,13 @@ class ApertisModel(nn.Module):
             )
         return x.masked_scatter(slots[..., None], image_tokens.to(x.dtype))
 
+    def expand_image_tokens(self, ids: list[int], images: list[torch.Tensor]) -> list[int]:
+        """A prompt's ids with each <image> widened to the positions its preprocessed image fills."""
+        from ..vision.preprocess import expand_image_tokens, num_image_tokens
+
+        counts = [num_image_tokens(image, self.config.image_patch_size) for image in images]
+        return expand_image_tokens(ids, self.config.image_token_id, counts)
+
     # ---- forward, state, step ---------------------------------------------------------------------
     def forward(
         self, input_ids: torch.Tensor, images: list[torch.Tensor] | None = None, state: list[dict] | None = None

@@ -45,6 +45,7 @@ class Session:
     train_data: TokenDataset
     val_data: TokenDataset
     loader: BatchLoader  # endless, seeded training stream (its position is part of the checkpoint)
+    images: Any  # vision.ImageCache turning a batch's image files into tensors; None for text-only models
     data_summary: dict[str, Any]  # for the model card
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # input tokens consumed by all processes
@@ -71,11 +72,15 @@ def open_session(
         read_model_config(checkpoint / "config.json") if checkpoint else _fresh_model_config(run.model, tokenizer)
     )
     _check_images(report.stats["images"], model_config)
-    train_data, val_data = build_datasets(records, tokenizer, run.data)
+    images = _image_cache(model_config, run.data.image_augment)
+    image_tokens = images.file_tokens if images else None
+    train_data, val_data = build_datasets(records, tokenizer, run.data, image_tokens)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = ApertisModel(model_config).to(ctx.device)
     if checkpoint:
         load_weights(checkpoint / "model.safetensors", model)
+    elif model.vision is not None and model_config.image_pretrained:
+        model.vision.load_pretrained_backbone()  # from the local torch hub cache only; warns when absent
     precision = resolve_precision(cfg.precision, ctx.device)
     session = Session(
         ctx=ctx,
@@ -91,6 +96,7 @@ def open_session(
         train_data=train_data,
         val_data=val_data,
         loader=BatchLoader(train_data, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size),
+        images=images,
         data_summary={
             "path": run.data.path,
             **{k: report.stats[k] for k in ("records", "characters", "images")},
@@ -133,8 +139,14 @@ def _check_images(n_images: int, model_config: ModelConfig) -> None:
             f"the dataset has {n_images} images but the model has no image encoder; set model.image_encoder "
             "(for example --set model.image_encoder=vit), or train on text-only data"
         )
-    if n_images:
-        raise ConfigError("training on images is not wired into the trainer yet (it arrives with the multimodal step)")
+
+
+def _image_cache(model_config: ModelConfig, augment: bool):
+    if model_config.image_encoder == "none":
+        return None
+    from ..vision import Augment, ImageCache  # torchvision loads only for image models
+
+    return ImageCache(model_config.image_patch_size, model_config.image_max_patches, Augment() if augment else None)
 
 
 def _budget_total(run: RunConfig, session: Session, started: float) -> int:

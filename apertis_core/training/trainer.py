@@ -161,8 +161,9 @@ class _Loop:
         s = self.s
         input_ids = batch.input_ids.to(s.ctx.device, non_blocking=True)
         labels = batch.labels.to(s.ctx.device, non_blocking=True)
+        images = s.images.batch(batch.images, train=True, device=s.ctx.device) if s.images else None
         with s.precision.autocast():
-            out = s.train_model(input_ids)
+            out = s.train_model(input_ids, images=images)
         loss_sum = _loss_sum(out.logits, labels)
         loss = loss_sum * scale + out.aux_loss / self.cfg.grad_accum
         s.scaler.scale(loss).backward()
@@ -240,8 +241,9 @@ class _Loop:
         for _ in range(min(self.cfg.eval_batches, one_pass)):
             batch = next(loader)
             labels = batch.labels.to(s.ctx.device)
+            images = s.images.batch(batch.images, train=False, device=s.ctx.device) if s.images else None
             with s.precision.autocast():
-                logits = s.model(batch.input_ids.to(s.ctx.device)).logits
+                logits = s.model(batch.input_ids.to(s.ctx.device), images=images).logits
             total += float(_loss_sum(logits, labels))
             count += int((labels != IGNORE_INDEX).sum())
         s.model.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -93,18 +94,73 @@ def preprocess_image(
     The image is resized with its aspect ratio kept, augmented when `train` (photometric only unless
     `augment` says otherwise), normalised, and zero-padded (the mean colour) on the right and bottom.
     """
+    return finish_image(resize_image(img, patch_size, max_patches), patch_size, train, augment)
+
+
+@dataclass(frozen=True)
+class ResizedImage:
+    """The expensive half of preprocessing (decode + resize), worth keeping between training steps."""
+
+    pixels: torch.Tensor  # (3, h, w) uint8, aspect kept, not yet padded
+    rows: int  # patch grid the padded image will have
+    cols: int
+
+
+def resize_image(img: Image.Image | str | Path, patch_size: int, max_patches: int) -> ResizedImage:
     from torchvision.transforms import v2  # torchvision is slow to import; text-only use never needs it
 
     img = load_image(img) if isinstance(img, (str, Path)) else to_rgb(img)
     rows, cols, new_width, new_height = _layout(img.width, img.height, patch_size, max_patches)
-    steps = [v2.Resize((new_height, new_width), antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    pixels = v2.Compose([v2.Resize((new_height, new_width), antialias=True), v2.ToImage()])(img)
+    return ResizedImage(pixels.as_subclass(torch.Tensor), rows, cols)
+
+
+def finish_image(
+    image: ResizedImage, patch_size: int, train: bool = False, augment: Augment | None = None
+) -> torch.Tensor:
+    """Augment (when training), normalise and pad a resized image; cheap enough to do at every step."""
+    from torchvision.transforms import v2
+
+    steps = [v2.ToDtype(torch.float32, scale=True)]
     if train:
         augment = augment or Augment()
         steps.append(v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue))
         if augment.hflip:
             steps.append(v2.RandomHorizontalFlip())
+    height, width = image.pixels.shape[-2:]
     steps += [
         v2.Normalize(IMAGE_MEAN, IMAGE_STD),
-        v2.Pad([0, 0, cols * patch_size - new_width, rows * patch_size - new_height], fill=0),
+        v2.Pad([0, 0, image.cols * patch_size - width, image.rows * patch_size - height], fill=0),
     ]
-    return v2.Compose(steps)(img).as_subclass(torch.Tensor)  # plain tensor, not a tv_tensors.Image
+    return v2.Compose(steps)(image.pixels)
+
+
+def file_image_tokens(path: str | Path, patch_size: int, max_patches: int) -> int:
+    """How many <image> positions the image file will fill, from its header alone (no pixels decoded)."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # load_image turns these upright: sides swap
+            width, height = height, width
+    rows, cols = image_grid(width, height, patch_size, max_patches)
+    return rows * cols
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_token_repeats(ids: Sequence[int], image_id: int, counts: Sequence[int]) -> list[int]:
+    """How many positions each token becomes: an `<image>` id its image's patch count, any other 1."""
+    slots = sum(token == image_id for token in ids)
+    if slots != len(counts):
+        raise ValueError(f"the text has {slots} <image> markers but {len(counts)} images were given")
+    counts_left = iter(counts)
+    return [next(counts_left) if token == image_id else 1 for token in ids]
+
+
+def expand_image_tokens(ids: Sequence[int], image_id: int, counts: Sequence[int]) -> list[int]:
+    """Each `<image>` id -> as many positions as its image has patches (the model fills them in order).
+
+    `counts` are patch counts: num_image_tokens(tensor) for preprocessed images, file_image_tokens for files.
+    """
+    repeats = image_token_repeats(ids, image_id, counts)
+    return [token for token, repeat in zip(ids, repeats, strict=True) for _ in range(repeat)]

@@ -82,25 +82,13 @@ def build_prompt(tokenizer, model, system: str, history: list[dict]) -> tuple[li
             from apertis_core.vision import preprocess_image
 
             images += [preprocess_image(f, model.config.image_patch_size, model.config.image_max_patches) for f in files]
-            text = "<image>" * len(files) + text
+            text = "<image>\n" * len(files) + text  # as the data formats place them
         if messages and messages[-1]["role"] == message["role"]:
             messages[-1]["content"] += text  # an image and its question arrive as two Gradio messages
         else:
             messages.append({"role": message["role"], "content": text})
     ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-    return _expand_images(ids, tokenizer.image_id, images, model.config.image_patch_size), images
-
-
-def _expand_images(ids: list[int], image_id: int, images: list[Any], patch_size: int) -> list[int]:
-    """Each <image> placeholder becomes as many positions as its image has patches."""
-    if not images:
-        return ids
-    from apertis_core.vision import num_image_tokens
-
-    counts, out = iter(num_image_tokens(image, patch_size) for image in images), []
-    for token in ids:
-        out += [token] * next(counts) if token == image_id else [token]
-    return out
+    return model.expand_image_tokens(ids, images), images
 
 
 def _user_turn(message: Any) -> list[dict[str, Any]]:
