@@ -1,4 +1,4 @@
-"""`apertis bench model|train [ARGS...]`: the benchmarks in the repository's benchmarks/ folder.
+"""`apertis bench model|train|vqa [ARGS...]`: the benchmarks in the repository's benchmarks/ folder.
 
 Arguments after the benchmark name go to it unchanged (`apertis bench train --help` shows its own help).
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 BENCHMARKS = {
     "model": "speed and memory of the model presets (benchmarks/model.py)",
     "train": "validation loss reached in a fixed time on tinyshakespeare (benchmarks/train.py)",
+    "vqa": "visual Q&A accuracy on generated shapes scenes after a timed run (benchmarks/vqa.py)",
 }
 
 

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         shapes.add_argument("--out", required=True, metavar="DIR", help="the folder to write into")
         shapes.add_argument("--n", type=int, default=2000, metavar="N", help="number of scenes (default 2000)")
         shapes.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+        shapes.add_argument(
+            "--conversations",
+            action="store_true",
+            help="ask each training scene's questions in one multi-turn chat (several times cheaper to train on)",
+        )
         shapes.set_defaults(run=run_shapes)
 
 
@@ -74,7 +79,7 @@ def _report_text(report, max_problems: int) -> str:
 def run_shapes(args: argparse.Namespace) -> int:
     from ..data.shapes import generate_shapes
 
-    summary = generate_shapes(args.out, n=args.n, seed=args.seed)
+    summary = generate_shapes(args.out, n=args.n, seed=args.seed, conversations=args.conversations)
     scenes, records = summary["scenes"], summary["records"]
     print(
         f"wrote {scenes['train']} training and {scenes['test']} held-out scenes "

@@ -154,6 +154,14 @@ def _question_record(image: str, q: Question) -> dict:
     }
 
 
+def _conversation_record(image: str, asked: list[Question]) -> dict:
+    turns = []
+    for index, q in enumerate(asked):
+        question = f"<image>\n{q.question}" if index == 0 else q.question
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": q.answer}]
+    return {"image": image, "messages": turns, "kind": "conversation"}
+
+
 def generate_shapes(
     out_dir: str | Path,
     n: int = 2000,
@@ -162,12 +170,16 @@ def generate_shapes(
     heldout_fraction: float = 0.1,
     questions_per_kind: int = 10,
     n_objects: int = 6,
+    conversations: bool = False,
 ) -> dict:
     """Write images/NNNNNN.png, train.jsonl, test.jsonl and summary.json under out_dir; return the summary.
 
     The last round(n * heldout_fraction) scenes are held out: test.jsonl asks questions about them only
     and train.jsonl never shows them. Each scene gets up to questions_per_kind non-relational and as many
     relational questions (sampled without repeats); train.jsonl also has one caption record per scene.
+    With `conversations`, train.jsonl asks each scene's questions in one multi-turn chat instead of one
+    record each: the image is then encoded once for all of them, which makes training several times
+    cheaper. test.jsonl always has one question per record, for scoring.
     """
     if n < 1 or not 0.0 <= heldout_fraction < 1.0 or questions_per_kind < 0:
         raise ValueError("need n >= 1, 0 <= heldout_fraction < 1 and questions_per_kind >= 0")
@@ -182,14 +194,19 @@ def generate_shapes(
         # Plain writes: the jsonl files, written atomically last, are what make the images part of the set.
         (out / image).write_bytes(_png_bytes(render(scene)))
         split = "test" if index >= n - n_test else "train"
-        records = [_question_record(image, q) for q in _sample(rng, questions(scene), questions_per_kind)]
+        asked = _sample(rng, questions(scene), questions_per_kind)
+        if conversations and split == "train":
+            rng.shuffle(asked)  # relational and non-relational questions mixed, in any order
+            records = [_conversation_record(image, asked)]
+        else:
+            records = [_question_record(image, q) for q in asked]
         if split == "train":
             records.insert(0, {"image": image, "text": caption(scene), "kind": "caption"})
         lines[split] += [json.dumps(r) for r in records]
     for split, rows in lines.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(row + "\n" for row in rows))
     summary = {
-        "seed": seed, "image_size": image_size, "n_objects": n_objects,
+        "seed": seed, "image_size": image_size, "n_objects": n_objects, "conversations": conversations,
         "scenes": {"train": n - n_test, "test": n_test},
         "records": {split: len(rows) for split, rows in lines.items()},
         "files": {"train": "train.jsonl", "test": "test.jsonl"},  # relative to out_dir
