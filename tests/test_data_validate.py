@@ -149,3 +149,13 @@ def test_report_counts_characters_tokens_images_and_lengths(tmp_path):
     text = report.to_text()
     assert "records: 4 (1 chat, 3 text), skipped: 0" in text and "tokens: 33" in text and "OK" in text
     assert validate_dataset(tmp_path).stats["length"]["unit"] == "characters"
+
+
+def test_problem_list_can_be_capped_and_says_how_many_more(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join("not json\n" for _ in range(7)) + json.dumps(GOOD) + "\n", encoding="utf-8")
+    report = validate_dataset(path)
+    assert report.skipped == 7
+    capped = report.to_text(max_problems=3)
+    assert capped.count(f"{path}:") == 3 and "... and 4 more" in capped
+    assert report.to_text().count(f"{path}:") == 7 and "more" not in report.to_text()

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer", metavar="FILE", help="a tokenizer.json (or bundle folder) to count tokens with"
     )
     validate.add_argument(
-        "--max-problems", type=int, default=50, metavar="N", help="list at most N problems (default 50)"
+        "--max-problems", type=int, default=50, metavar="N", help="list at most N problems, 0 = all (default 50)"
     )
     validate.set_defaults(run=run_validate)
 
@@ -61,19 +61,10 @@ def run_validate(args: argparse.Namespace) -> int:
     if args.max_problems < 0:
         raise ValueError(f"--max-problems must be >= 0, got {args.max_problems}")
     report = validate_dataset(args.path, tokenizer=tokenizer)
-    print(_report_text(report, args.max_problems))
+    print(report.to_text(max_problems=args.max_problems))
     if report.records == 0:
         return EXIT_UNUSABLE
     return EXIT_SKIPPED if report.skipped else EXIT_CLEAN
-
-
-def _report_text(report, max_problems: int) -> str:
-    """The report, its problem list capped at `max_problems` when the report supports a cap."""
-    import inspect
-
-    if "max_problems" in inspect.signature(report.to_text).parameters:
-        return report.to_text(max_problems=max_problems)
-    return report.to_text()
 
 
 def run_shapes(args: argparse.Namespace) -> int:

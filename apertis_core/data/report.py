@@ -37,7 +37,8 @@ class ValidationReport:
     def ok(self) -> bool:
         return self.records > 0 and not self.problems
 
-    def to_text(self) -> str:
+    def to_text(self, max_problems: int = 0) -> str:
+        """The summary and the problems, the first `max_problems` of them when > 0 (0 lists all)."""
         s = self.stats
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(s["kinds"].items())) or "none"
         tokens = f", tokens: {s['tokens']:,}" if "tokens" in s else ""
@@ -49,7 +50,10 @@ class ValidationReport:
         lines += _length_lines(s["length"])
         if self.problems:
             lines.append(f"Problems ({len(self.problems)}):")
-            lines += [f"  {p}" for p in self.problems]
+            shown = self.problems[:max_problems] if max_problems > 0 else self.problems
+            lines += [f"  {p}" for p in shown]
+            if len(shown) < len(self.problems):
+                lines.append(f"  ... and {len(self.problems) - len(shown)} more (--max-problems 0 lists them all)")
         if self.records == 0:
             lines.append("No usable records: nothing to train on. Fix the problems above.")
         elif self.problems:
