@@ -22,3 +22,50 @@ def tiny_config(preset: str, **overrides):
         base.update(n_experts=4, moe_top_k=2, moe_every=2, strc_every=2, strc_hidden=24)
     base.update(overrides)
     return ModelConfig.from_preset(preset, **base)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def studio_url(tmp_path):
+    """The URL of a studio (`python -m studio --no-browser`) serving a fresh workspace in tmp_path.
+
+    Its output goes to tmp_path/studio.log (a pipe nobody drains could block it); the fixture waits for
+    HTTP 200 on / and stops the studio with Ctrl-C (SIGINT) afterwards, as a person would."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    url, log = f"http://127.0.0.1:{port}/", tmp_path / "studio.log"
+    command = [sys.executable, "-m", "studio", "--no-browser", "--port", str(port), "--workspace", str(tmp_path / "ws")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the studio did not serve {url} (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+            try:
+                with direct.open(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:  # not listening yet
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

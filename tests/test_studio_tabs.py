@@ -119,6 +119,23 @@ def test_start_status_stop_through_handlers(services, monkeypatch):
     os.kill(services.store.get_run(run_id)["pid"], signal.SIGKILL)
 
 
+def test_preset_list_matches_the_model_presets():
+    from apertis_core import ModelConfig
+
+    assert train.PRESETS == ModelConfig.presets()
+
+
+def test_page_builds_without_importing_torch(tmp_path):
+    """torch costs about 2 s of start-up and the page needs none of it (it is imported once the page is up)."""
+    import subprocess
+
+    code = ("import sys; from studio.app import build_app, make_services; build_app(make_services(sys.argv[1])); "
+            "print(sorted(m for m in ('torch', 'apertis_core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # -- Metrics ----------------------------------------------------------------------------------------
 
 def test_metrics_view_draws_then_skips_when_unchanged(services):

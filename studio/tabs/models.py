@@ -48,14 +48,19 @@ def sync_checkpoints(services) -> None:
             services.store.delete_model(row["id"])
 
 
-def models_table(services) -> list[list[Any]]:
-    sync_checkpoints(services)
+def models_table(services, sync: bool = True) -> list[list[Any]]:
+    if sync:
+        sync_checkpoints(services)
     return [[m["id"], m["name"], m["kind"], m["run_id"] or "", time.strftime("%Y-%m-%d %H:%M", time.localtime(m["created"]))]
             for m in services.store.list_models()]
 
 
+def _options(services) -> list[tuple[str, str]]:
+    return [(f"{m['name']} · {m['kind']}", m["id"]) for m in services.store.list_models()]
+
+
 def _choices(services) -> gr.Dropdown:
-    return gr.Dropdown(choices=[(f"{m['name']} · {m['kind']}", m["id"]) for m in services.store.list_models()])
+    return gr.Dropdown(choices=_options(services))
 
 
 def refresh(services) -> tuple[list[list[Any]], gr.Dropdown]:
@@ -143,9 +148,12 @@ def delete_model(services, model_id: str | None) -> tuple[str, gr.Button, list[l
 
 
 def build(services) -> dict[str, Any]:
-    table = gr.Dataframe(headers=["id", "name", "kind", "run", "created"], value=models_table(services), interactive=False)
+    # No checkpoint sync while the page is built: it imports torch (about 2 s of start-up), and selecting
+    # the tab syncs anyway. A plain list for the choices: a gr.Dropdown made here would be drawn on the page.
+    table = gr.Dataframe(headers=["id", "name", "kind", "run", "created"], value=models_table(services, sync=False),
+                         interactive=False)
     with gr.Row():
-        selected = gr.Dropdown(label="Model", choices=_choices(services).choices, scale=3)
+        selected = gr.Dropdown(label="Model", choices=_options(services), scale=3)
         to_chat, export = gr.Button("Load into Chat", variant="primary"), gr.Button("Export zip")
         delete = gr.Button("Delete", variant="stop")
     confirm = gr.Button(visible=False, variant="stop")

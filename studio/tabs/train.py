@@ -42,6 +42,10 @@ FIELDS = [f[0] for f in BASIC + ADVANCED]
 BASIC_DEFAULTS = {f[0]: f[2] for f in BASIC}
 ADVANCED_DEFAULTS = {f[0]: f[2] for f in ADVANCED}
 PROBE_PROMPTS = ["The", "Once upon a time", "What shape is the red object?"]
+# ModelConfig.presets(), written out: importing apertis_core imports torch, about 2 s of the studio's
+# start-up, and the form needs only the names. tests/test_studio_tabs.py checks the two lists agree.
+PRESETS = ["apertis-nano", "apertis-small", "apertis-base", "apertis-large", "apertis-hybrid-nano",
+           "apertis-hybrid-small", "transformer-nano", "transformer-small"]
 DATA_KEYS = {"seq_len", "vocab_size"}
 
 
@@ -185,13 +189,11 @@ def _field(name: str, label: str, default: Any, kind: Any) -> gr.components.Comp
 
 
 def build(services, timer_s: float) -> dict[str, Any]:
-    from apertis_core import ModelConfig
-
     from .dataset import dataset_choices
 
     with gr.Row():
         dataset = gr.Dropdown(label="Dataset", choices=dataset_choices(services), allow_custom_value=True)
-        preset = gr.Dropdown(label="Preset", choices=ModelConfig.presets(), value="apertis-nano")
+        preset = gr.Dropdown(label="Preset", choices=PRESETS, value="apertis-nano")
         name = gr.Textbox(label="Run name", placeholder="optional")
     with gr.Row():
         basic = [_field(*f) for f in BASIC]
