@@ -110,7 +110,7 @@ def chat(services, message, history, model_id, system, temperature, top_k, top_p
     try:
         model, tokenizer = services.models.get(row["path"])
         ids, images = build_prompt(tokenizer, model, system or "", history)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a broken torch install too
         yield history, f"Cannot answer: {exc}"
         return
     config = GenerationConfig(max_new_tokens=int(max_new), temperature=float(temperature), top_k=int(top_k),
