@@ -36,7 +36,10 @@ def exact_match(
     encoded = encode_records(records, tokenizer, images.file_tokens if images else None)
     longest = max(len(e.ids) for e in encoded)
     if longest > model.config.max_seq_len + 1:
-        raise ValueError(f"a record has {longest} tokens, more than the model's max_seq_len")
+        raise ValueError(
+            f"a record has {longest} tokens, more than the model's max_seq_len ({model.config.max_seq_len}); "
+            "score shorter questions, or a model built with a larger max_seq_len"
+        )
     windows = make_windows(encoded, longest - 1)
     if len(windows) != len(records):
         raise ValueError("every record needs an assistant reply to score")

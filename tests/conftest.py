@@ -38,7 +38,6 @@ def studio_url(tmp_path):
 
     Its output goes to tmp_path/studio.log (a pipe nobody drains could block it); the fixture waits for
     HTTP 200 on / and stops the studio with Ctrl-C (SIGINT) afterwards, as a person would."""
-    import signal
     import subprocess
     import sys
     import time
@@ -63,9 +62,6 @@ def studio_url(tmp_path):
                 time.sleep(0.1)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        from benchmarks.studio import stop_studio  # one way to stop it, shared with the studio benchmark
+
+        stop_studio(proc)
