@@ -14,7 +14,7 @@ from apertis_core.cli.main import main
 from apertis_core.generation import GenerationConfig, generate
 from apertis_core.tokenizer import Tokenizer
 
-from conftest import REPO, tiny_config
+from conftest import HANG_GUARD_S, REPO, tiny_config
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_errors_are_one_line_without_traceback_from_the_real_entry_point(tmp_pat
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "Did you mean 'd_model'" in done.stderr
@@ -209,7 +209,7 @@ def test_unknown_arguments_are_usage_errors(capsys):
 
 def test_python_dash_m_runs_the_cli():
     done = subprocess.run(
-        [sys.executable, "-m", "apertis_core", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-m", "apertis_core", "--help"], capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S
     )
     assert done.returncode == 0 and "generate" in done.stdout
 
@@ -256,7 +256,7 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     while not (metrics.exists() and metrics.stat().st_size) and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=120)
+    out, err = child.communicate(timeout=HANG_GUARD_S)
     assert child.returncode == 0, err[-2000:]
     assert "Stopped after" in out and "Traceback" not in err
     assert list((tmp_path / "run" / "checkpoints").glob("step_*"))

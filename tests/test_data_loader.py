@@ -12,7 +12,8 @@ from apertis_core.data import BatchLoader, DataConfig, Record, build_datasets, l
 from apertis_core.data.dataset import tail_split
 from apertis_core.tokenizer import Tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+from conftest import SHAKESPEARE
+
 TOK = Tokenizer.byte_level()  # ASCII is one token per character, which keeps the arithmetic below readable
 
 
@@ -149,9 +150,6 @@ def test_tail_split_holds_out_the_last_fraction_of_characters():
     assert [r.kind for r in train] == ["text"] and [r.kind for r in val] == ["chat", "text"]
 
 
-@pytest.mark.skipif(
-    not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent (the shared data folder is not checked out)"
-)
 def test_tail_split_matches_nanogpt_on_tinyshakespeare(tmp_path):
     data = SHAKESPEARE.read_text(encoding="utf-8")[:5001]  # 5001 * 0.9 is not whole: int() must floor
     (tmp_path / "shakespeare.txt").write_text(data, encoding="utf-8")

@@ -16,7 +16,7 @@ from apertis_core import ApertisModel
 from apertis_core.bundle import load_bundle
 from apertis_core.training import RunConfig, read_metrics, train
 
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 # SLA + STRC, no routed experts: the load-balancing loss of a batch is not the mean of its halves' losses,
 # so only a dense model has exactly the same objective when the batch is split over processes.
@@ -42,7 +42,7 @@ def torchrun(config: Path, nproc: int) -> subprocess.CompletedProcess:
         __file__,
         str(config),
     ]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):

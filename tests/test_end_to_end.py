@@ -8,14 +8,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from apertis_core.bundle import load_bundle
 from apertis_core.training import read_metrics
 
+from conftest import HANG_GUARD_S, SHAKESPEARE
+
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 SLICE_CHARS = 200_000
 
 # Tiny apertis-nano family model (SLA, experts, STRC), byte-level tokenizer (vocab_size <= 262).
@@ -48,7 +48,7 @@ out_dir: {out}
 """
 
 
-def apertis(*args, timeout=240):
+def apertis(*args, timeout=HANG_GUARD_S):
     done = subprocess.run(
         [sys.executable, "-m", "apertis_core", *map(str, args)],
         capture_output=True,
@@ -68,7 +68,6 @@ def unigram_entropy(text: str) -> float:
     return -sum(n / total * math.log(n / total) for n in counts.values())
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is not present (shared data set)")
 def test_train_generate_export_on_tinyshakespeare(tmp_path):
     text = SHAKESPEARE.read_text(encoding="utf-8")[:SLICE_CHARS]
     data = tmp_path / "shakespeare.txt"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import HANG_GUARD_S, REPO
+
 ENTRY = REPO / "launchers" / "frozen_main.py"
 SPEC = importlib.util.spec_from_file_location("frozen_main", ENTRY)
 frozen_main = importlib.util.module_from_spec(SPEC)
@@ -137,6 +138,6 @@ def test_script_answers_help_for_each_part_without_importing_gradio():
         (["worker", "--help"], "--run-id"),
     ):
         command = [sys.executable, "-c", probe, str(ENTRY), *argv]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=HANG_GUARD_S)
         assert result.returncode == 0 and expected in result.stdout, f"{argv}: {result.stdout}{result.stderr}"
         assert result.stdout.rstrip().endswith("gradio not imported 0"), f"{argv}: {result.stdout}{result.stderr}"

@@ -45,7 +45,6 @@ TABS = {
 }
 
 
-@pytest.mark.timeout(180)
 def test_every_tab_draws_without_javascript_errors(studio_url, tmp_path):
     OUTPUT.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []

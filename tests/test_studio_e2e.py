@@ -18,6 +18,8 @@ import pytest
 from studio.store import Store
 from studio.tabs import train
 
+from conftest import HANG_GUARD_S
+
 pytestmark = pytest.mark.slow
 pytest.importorskip("apertis_core.training", reason="apertis_core.training is not importable yet")
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ def launch(workspace: Path):
     raise AssertionError(f"the studio exited with {proc.wait()} before serving the page")
 
 
-def wait_status(client, run_id, statuses, timeout=120):
+def wait_status(client, run_id, statuses, timeout=HANG_GUARD_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.predict(run_id, api_name="/run_status")[0]
@@ -88,7 +90,7 @@ def test_studio_end_to_end(tmp_path):
         while store.get_run(killed)["step"] < 1:
             time.sleep(0.2)
         os.kill(store.get_run(killed)["pid"], signal.SIGKILL)
-        dead = wait_status(client, killed, ["interrupted", "failed"], timeout=30)
+        dead = wait_status(client, killed, ["interrupted", "failed"])
         assert dead["status"] == "interrupted" and "signal 9" in dead["exit_reason"]
         assert "queued to" in client.predict(killed, api_name="/resume_run")
         wait_status(client, killed, ["running"])

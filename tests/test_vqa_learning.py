@@ -3,8 +3,6 @@
 import json
 import random
 
-import pytest
-
 from apertis_core import GenerationConfig, generate, load_bundle
 from apertis_core.data import load_dataset
 from apertis_core.data.shapes import COLOURS, make_scene, render
@@ -41,7 +39,6 @@ def greedy_answer(model, tokenizer, record) -> str:
     return tokenizer.decode(list(generate(model, ids, config, images=[image])))
 
 
-@pytest.mark.timeout(300)
 def test_tiny_model_learns_the_colour_of_a_single_shape(tmp_path):
     write_colour_set(tmp_path / "train", 600, seed=0)
     write_colour_set(tmp_path / "test", 120, seed=1)
