@@ -7,6 +7,7 @@ The services (registry, job manager, loaded chat models) are created per app and
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 import webbrowser
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from . import run_states
 from .jobs import JobManager
 from .store import Store
 from .tabs import chat, dataset, metrics, models, train
@@ -82,25 +84,61 @@ def _prepare_torch() -> None:
         importlib.import_module(module)
 
 
-def launch(workspace: Path, host: str, port: int, auth: tuple[str, str] | None, open_browser: bool, max_upload: str) -> None:
-    """Start the job watcher, build the UI and serve it until interrupted."""
+def launch(workspace: Path, host: str, port: int, auth: tuple[str, str] | None, open_browser: bool, max_upload: str,
+           shutdown, say=print) -> None:
+    """Start the job watcher, build the UI and serve it until `shutdown.wait()` returns, then shut down in
+    order: stop watching (workers keep training, to be re-attached by the next start), close the server and
+    the registry, and say so in one line."""
     services = make_services(workspace)
     services.jobs.poll()  # re-attach live workers and mark dead ones before the first page is drawn
     services.jobs.start_watcher()
     app = build_app(services)
     app.queue(default_concurrency_limit=4)
-    _, local_url, _ = app.launch(
+    app.launch(
         server_name=host, server_port=port, auth=auth, inbrowser=False, share=False, prevent_thread_lock=True,
         allowed_paths=[str(services.store.root)], max_file_size=max_upload, enable_monitoring=False,
         footer_links=["api"], show_error=True, quiet=True, ssr_mode=False,
     )
     threading.Thread(target=_prepare_torch, name="prepare-torch", daemon=True).start()
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
-    print(f"Apertis Studio is running at {url} (workspace {services.store.root}). Press Ctrl+C to quit.", flush=True)
-    if open_browser:
-        webbrowser.open(url)
+    if not shutdown.event.is_set():  # a Ctrl+C during start-up: no ready line, no browser, straight to the end
+        url = f"http://{_url_host(host)}:{port}/"
+        say(f"Apertis Studio is running at {url} (workspace {services.store.root}). Press Ctrl+C to quit.")
+        if open_browser:
+            webbrowser.open(url)
+    reason = shutdown.wait()
+    say(close_studio(services, app, reason))
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"  # listening everywhere: this machine reaches it on loopback
+    return f"[{host}]" if ":" in host else host
+
+
+def close_studio(services: Services, app: gr.Blocks, reason: str) -> str:
+    """Shut the studio down and return the one line that says so, with what goes on without it. The server
+    and the registry are closed even if reading the runs fails (a registry locked for longer than its timeout):
+    the registry is crash-safe, so what is lost then is only the summary."""
     try:
-        app.block_thread()
+        training = [run["name"] for run in services.jobs.close()]
+        queued = len(services.store.list_runs([run_states.QUEUED]))
+    except Exception as exc:
+        print(f"studio: could not read the runs while shutting down ({exc}); they are as the registry last "
+              "recorded them", file=sys.stderr)
+        training, queued = [], 0
     finally:
-        services.jobs.close()
-        app.close()
+        app.close(verbose=False)
+        services.store.close()
+    return shutdown_line(reason, training, queued)
+
+
+def shutdown_line(reason: str, training: list[str], queued: int) -> str:
+    line = f"Apertis Studio shut down ({reason})."
+    if len(training) == 1:
+        line += f" 1 run is still training in the background ({training[0]}); start the studio again to follow or stop it."
+    elif training:
+        line += (f" {len(training)} runs are still training in the background ({', '.join(training)}); start the "
+                 "studio again to follow or stop them.")
+    if queued:
+        line += f" {queued} queued run{'s wait' if queued > 1 else ' waits'} for the next start."
+    return line

@@ -1,14 +1,17 @@
 """The job manager: queues training runs, starts each as a worker process, stops, resumes and watches them.
 
 Everything it knows lives in the workspace registry, so a restarted studio picks up where it left off:
-workers still alive are re-attached (their pid and command line are checked), and runs whose worker died
-without recording an ending are marked interrupted with the exit code and log tail, ready to Resume.
-Workers start in their own session so closing the studio does not kill a run.
+workers still alive are re-attached (their pid and command line are checked). A worker that ends without
+recording an ending is marked from what this studio saw: "failed" with its exit code and log tail when it
+died while the studio watched, "interrupted" when it was ended from outside (SIGTERM, SIGHUP, SIGINT) or was
+already gone when the studio started. Status words and moves come from run_states. Workers start in their
+own session, so closing the studio does not stop a run; `close()` leaves them to the next studio.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,10 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import run_states as rs
 from .runfiles import CONFIG_NAME, LOG_NAME, clear_stop, log_tail, request_stop
-from .store import ACTIVE_STATUSES, RESUMABLE_STATUSES, Store
+from .store import Store
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # puts `studio` and `apertis_core` on a worker's path
+# Signals that ask a process to end (a `kill`, logging out, the computer shutting down): the run was
+# interrupted, not broken. Any other death (SIGKILL from the out-of-memory killer, a crash) is a failure.
+ASKED_TO_END = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))
+RESUME_HINT = "press Resume to continue from the last checkpoint"
 
 
 class JobError(RuntimeError):
@@ -52,6 +60,38 @@ def _pid_runs(pid: int | None, run_id: str) -> bool:
         return True
 
 
+def exit_description(code: int) -> str:
+    """'exit code 1', or 'signal 9 (SIGKILL)' for a process a signal ended (Popen reports those as -N)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {-code} ({signal.Signals(-code).name})"
+    except ValueError:
+        return f"signal {-code}"
+
+
+def ending_of(code: int | None, pid: int | None, seen_alive: bool) -> tuple[str, str]:
+    """(status, reason) for a worker that ended without recording an ending, from what this studio saw.
+
+    `code` is known only for workers this studio process started; `seen_alive` says whether it watched the
+    worker while it lived (if not, it was gone before this studio started)."""
+    worker = f"the worker process (pid {pid})" if pid else "the worker process"
+    if code is None and not seen_alive:
+        return rs.INTERRUPTED, (f"{worker} had ended before this studio started, without recording why (the "
+                                f"computer may have restarted, or the process was ended); {RESUME_HINT}")
+    if code is None:
+        return rs.FAILED, (f"{worker} ended while the studio was watching it, without recording why; it was started "
+                           f"by an earlier studio session, so its exit code is unknown. The log tail may say why; "
+                           f"{RESUME_HINT}")
+    if code < 0 and -code in ASKED_TO_END:
+        return rs.INTERRUPTED, (f"{worker} was ended from outside the studio by {exit_description(code)} (a `kill`, "
+                                f"logging out or the computer shutting down); {RESUME_HINT}")
+    killed = hasattr(signal, "SIGKILL") and code == -signal.SIGKILL
+    hint = " (often the system ran out of memory: try a smaller batch or model)" if killed else ""
+    return rs.FAILED, (f"{worker} ended with {exit_description(code)}{hint} without finishing; the log tail "
+                       f"may say why; {RESUME_HINT}")
+
+
 class JobManager:
     """One per studio process. `poll()` advances everything; `start_watcher()` calls it in the background."""
 
@@ -60,7 +100,8 @@ class JobManager:
         if max_concurrent is not None:
             store.set_setting("max_concurrent", max_concurrent)
         self._procs: dict[str, subprocess.Popen] = {}  # workers this process started (to reap and read exit codes)
-        self._lock = threading.RLock()
+        self._seen_alive: set[str] = set()  # runs whose worker this process has watched alive
+        self._lock = threading.RLock()  # one actor at a time: the watcher, and the UI's Stop/Resume
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -88,46 +129,52 @@ class JobManager:
         return self.store.get_run(run["id"])
 
     def stop(self, run_id: str) -> str:
-        """Cancel a queued run, or ask a running one to save and stop after its current step."""
-        run = self._get(run_id)
-        if run["status"] == "queued":
-            if self.store.transition_run(run_id, ["queued"], status="interrupted", ended=time.time(),
-                                         exit_reason="cancelled before it started; press Resume to queue it again"):
-                return f"{run['name']}: removed from the queue"
-        if run["status"] in ACTIVE_STATUSES:
-            request_stop(run["out_dir"])
-            self.store.transition_run(run_id, ["running"], status="stopping")
-            return f"{run['name']}: stopping after the current step (a checkpoint is saved first)"
-        raise JobError(f"{run['name']} is {run['status']}, not running or queued; there is nothing to stop")
+        """Take a queued run out of the queue, or ask a running one to save and stop after its current step."""
+        with self._lock:
+            run = self._get(run_id)
+            if run["status"] == rs.QUEUED:
+                if self.store.transition_run(run_id, rs.STOPPED, [rs.QUEUED], ended=time.time(),
+                                             exit_reason="taken out of the queue before it started; press Resume "
+                                                         "to queue it again"):
+                    return f"{run['name']}: taken out of the queue (stopped); Resume queues it again"
+                run = self._get(run_id)  # a worker started by hand took it meanwhile
+            if run["status"] in rs.ACTIVE:
+                request_stop(run["out_dir"])  # the file first: the trainer may see it before the registry changes
+                self.store.transition_run(run_id, rs.STOPPING, [rs.RUNNING])
+                return f"{run['name']}: stopping after the current step (a checkpoint is saved first)"
+            raise JobError(f"{run['name']} is {run['status']}, not running or queued; there is nothing to stop")
 
     def resume(self, run_id: str) -> str:
         """Queue a stopped, failed or interrupted run to continue from its last checkpoint."""
-        run = self._get(run_id)
-        if run["status"] not in RESUMABLE_STATUSES:
-            raise JobError(f"{run['name']} is {run['status']}; only a stopped, failed or interrupted run can resume")
-        if run["status"] == "finished":
-            raise JobError(f"{run['name']} already finished; use 'Train N more' to continue it")
-        from apertis_core.training import latest_checkpoint
+        with self._lock:
+            run = self._get(run_id)
+            if run["status"] in rs.EXTENDABLE:
+                raise JobError(f"{run['name']} already finished; use 'Train N more' to continue it")
+            if run["status"] not in rs.RESUMABLE:
+                raise JobError(f"{run['name']} is {run['status']}; only a stopped, failed or interrupted run can resume")
+            from apertis_core.training import latest_checkpoint
 
-        # The disk, not the registry: a worker killed right after saving may not have recorded the save.
-        checkpoint = latest_checkpoint(run["out_dir"]) if Path(run["out_dir"]).is_dir() else None
-        self._requeue(run, mode="resume" if checkpoint else "new", extra_steps=0)
+            # The disk, not the registry: a worker killed right after saving may not have recorded the save.
+            checkpoint = latest_checkpoint(run["out_dir"]) if Path(run["out_dir"]).is_dir() else None
+            self._requeue(run, rs.RESUMABLE, mode="resume" if checkpoint else "new", extra_steps=0)
         where = f"resume from {Path(checkpoint).name}" if checkpoint else "start over (no checkpoint was saved)"
         return f"{run['name']}: queued to {where}"
 
     def train_more(self, run_id: str, steps: int) -> str:
         """Queue a finished run to train `steps` more steps (the schedule is re-planned by the trainer)."""
-        run = self._get(run_id)
-        if run["status"] != "finished":
-            raise JobError(f"{run['name']} is {run['status']}; 'Train N more' continues a finished run (use Resume otherwise)")
-        if int(steps) < 1:
-            raise JobError(f"steps must be at least 1, got {steps}")
-        self._requeue(run, mode="more", extra_steps=int(steps))
+        with self._lock:
+            run = self._get(run_id)
+            if run["status"] not in rs.EXTENDABLE:
+                raise JobError(f"{run['name']} is {run['status']}; 'Train N more' continues a finished run "
+                               "(use Resume otherwise)")
+            if int(steps) < 1:
+                raise JobError(f"steps must be at least 1, got {steps}")
+            self._requeue(run, rs.EXTENDABLE, mode="more", extra_steps=int(steps))
         return f"{run['name']}: queued for {int(steps)} more steps"
 
-    def _requeue(self, run: dict[str, Any], mode: str, extra_steps: int) -> None:
-        if not self.store.transition_run(run["id"], RESUMABLE_STATUSES, status="queued", mode=mode,
-                                         extra_steps=extra_steps, pid=None, exit_code=None, exit_reason=None):
+    def _requeue(self, run: dict[str, Any], expected: tuple[str, ...], mode: str, extra_steps: int) -> None:
+        if not self.store.transition_run(run["id"], rs.QUEUED, expected, mode=mode, extra_steps=extra_steps,
+                                         pid=None, exit_code=None, exit_reason=None, log_tail=None):
             raise JobError(f"{run['name']} changed state meanwhile; refresh and try again")
         self.poll()
 
@@ -140,17 +187,23 @@ class JobManager:
     # -- watching -----------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Mark dead workers interrupted, then start queued runs while slots are free."""
+        """Record the ending of workers that died, then start queued runs while slots are free."""
         with self._lock:
-            active = []
-            for run in self.store.list_runs(ACTIVE_STATUSES):
+            active = self.reap()
+            for run in self.store.list_runs([rs.QUEUED])[: max(0, self.max_concurrent - active)]:
+                self._launch(run)
+
+    def reap(self) -> int:
+        """Mark runs whose worker has ended; returns how many workers are still alive."""
+        with self._lock:
+            alive = 0
+            for run in self.store.list_runs(rs.ACTIVE):
                 if self._alive(run):
-                    active.append(run)
+                    self._seen_alive.add(run["id"])
+                    alive += 1
                 else:
                     self._mark_dead(run)
-            free = self.max_concurrent - len(active)
-            for run in self.store.list_runs(["queued"])[: max(0, free)]:
-                self._launch(run)
+            return alive
 
     def _alive(self, run: dict[str, Any]) -> bool:
         proc = self._procs.get(run["id"])
@@ -159,16 +212,14 @@ class JobManager:
         return _pid_runs(run["pid"], run["id"])
 
     def _mark_dead(self, run: dict[str, Any]) -> None:
+        """The worker is gone and the run still reads running or stopping: record why, as far as we know.
+        A worker that recorded its own ending meanwhile wins (the transition then changes nothing)."""
         proc = self._procs.pop(run["id"], None)
         code = proc.returncode if proc is not None else None
-        how = f"with exit code {code}" if code is not None else "while the studio was closed"
-        if code is not None and code < 0:
-            how = f"killed by signal {-code}"
-        self.store.transition_run(
-            run["id"], ACTIVE_STATUSES, status="interrupted", ended=time.time(), exit_code=code,
-            exit_reason=f"the worker process ended {how} without finishing; press Resume to continue from the last checkpoint",
-            log_tail=log_tail(run["out_dir"]),
-        )
+        status, reason = ending_of(code, run["pid"], run["id"] in self._seen_alive)
+        self._seen_alive.discard(run["id"])
+        self.store.transition_run(run["id"], status, rs.ACTIVE, ended=time.time(), exit_code=code,
+                                  exit_reason=reason, log_tail=log_tail(run["out_dir"]))
 
     def _launch(self, run: dict[str, Any]) -> None:
         out_dir = Path(run["out_dir"])
@@ -178,11 +229,20 @@ class JobManager:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
         # Own session / process group: Ctrl-C in the studio's terminal must not kill the training.
         detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
-        with (out_dir / LOG_NAME).open("ab") as log:
-            proc = subprocess.Popen(worker_command(self.store.root, run["id"]), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, cwd=str(out_dir), **detach)
+        command = worker_command(self.store.root, run["id"])
+        try:
+            with (out_dir / LOG_NAME).open("ab") as log:
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, cwd=str(out_dir), **detach)
+        except OSError as exc:  # a missing executable, no memory for a process, an unwritable run folder
+            self.store.transition_run(
+                run["id"], rs.FAILED, [rs.QUEUED], ended=time.time(),
+                exit_reason=f"the worker process could not start ({exc}); check that {command[0]} exists and "
+                            f"the workspace is writable, then press Resume")
+            return
         self._procs[run["id"]] = proc
-        self.store.transition_run(run["id"], ["queued"], status="running", pid=proc.pid, started=time.time(), ended=None)
+        self._seen_alive.add(run["id"])
+        self.store.transition_run(run["id"], rs.RUNNING, [rs.QUEUED], pid=proc.pid, started=time.time(), ended=None)
 
     def start_watcher(self, interval: float = 1.0) -> None:
         """Poll in a daemon thread so the queue advances with no browser open."""
@@ -198,8 +258,13 @@ class JobManager:
             except Exception as exc:  # a locked database for a moment must not end the watcher
                 print(f"studio: job watcher: {exc}", file=sys.stderr)
 
-    def close(self) -> None:
-        """Stop watching (workers keep running; the next studio re-attaches them)."""
+    def close(self) -> list[dict[str, Any]]:
+        """Stop watching, record workers that ended up to now (their exit codes die with this process), and
+        return the runs still training. Their workers keep running and the next studio re-attaches them:
+        closing the studio, on purpose or by accident, must not throw away a long run."""
         self._stop_watch.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        with self._lock:
+            self.reap()
+            return self.store.list_runs(rs.ACTIVE)

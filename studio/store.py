@@ -21,10 +21,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import run_states
+
 DEFAULT_WORKSPACE = Path.home() / "ApertisStudio"
-RUN_STATUSES = ("queued", "running", "stopping", "finished", "failed", "interrupted")
-ACTIVE_STATUSES = ("running", "stopping")  # a worker process should be alive
-RESUMABLE_STATUSES = ("finished", "failed", "interrupted")
+RUN_STATUSES = run_states.STATES  # the words and their moves live in run_states; these names are kept for callers
+ACTIVE_STATUSES = run_states.ACTIVE
+RESUMABLE_STATUSES = run_states.RESUMABLE
+SCHEMA_VERSION = 2  # PRAGMA user_version; 2: run statuses follow run_states (see _migrate)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets(
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS models(
 CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_RUN_FIELDS = {"name", "status", "pid", "config", "mode", "extra_steps", "step", "total_steps", "started", "ended",
+_RUN_FIELDS = {"name", "pid", "config", "mode", "extra_steps", "step", "total_steps", "started", "ended",
                "exit_code", "exit_reason", "log_tail"}
 
 
@@ -68,20 +71,48 @@ class Store:
             folder.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "studio.db"
         self._local = threading.local()
+        self._opened: list[tuple[int, sqlite3.Connection]] = []  # (pid, connection): close() reaches them all
+        self._opened_lock = threading.Lock()
+        self._generation = 0  # bumped by close(): a thread's old connection is then replaced, not reused
         self._connection().executescript(_SCHEMA)  # executescript manages its own transaction
-
+        self._migrate()
 
     def _connection(self) -> sqlite3.Connection:
-        # A connection must not cross a fork or a thread boundary, so it is keyed by both.
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=True)
+        # A connection must not cross a fork or a thread boundary, so it is keyed by both. It is only ever
+        # used by the thread that opened it; check_same_thread is off so that close() may close it.
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid() or local.generation != self._generation:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable across app crashes
-            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._opened_lock:
+                self._opened.append((os.getpid(), conn))
+                local.conn, local.pid, local.generation = conn, os.getpid(), self._generation
         return conn
+
+    def _migrate(self) -> None:
+        """Bring run statuses written by an older studio into the run_states vocabulary (once per workspace).
+
+        Before version 2 a run stopped on request, or taken out of the queue, was recorded as "interrupted";
+        it becomes "stopped". A word the table does not know (a newer or damaged registry) becomes
+        "interrupted" with a reason naming the old word, so the run can still be resumed or deleted."""
+        if self._connection().execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # the usual case: no write lock taken
+        with self.transaction() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return  # another process migrated it meanwhile
+            db.execute(
+                "UPDATE runs SET status = ? WHERE status = ? AND (exit_reason LIKE 'stopped on request%' "
+                "OR exit_reason LIKE 'cancelled before it started%')", (run_states.STOPPED, run_states.INTERRUPTED))
+            marks = ",".join("?" * len(RUN_STATUSES))
+            db.execute(
+                f"UPDATE runs SET exit_reason = 'its status was ' || quote(status) || ', a word this studio does not "
+                f"know; press Resume to continue it from its last checkpoint', status = ? WHERE status NOT IN ({marks})",
+                (run_states.INTERRUPTED, *RUN_STATUSES))
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -102,12 +133,15 @@ class Store:
         return next(iter(self._rows(sql, params)), None)
 
     def close(self) -> None:
-        """Close this thread's connection (others close when their thread ends)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
+        """Close every connection this process opened on the registry (the studio's shutdown). Using the
+        store afterwards opens a fresh connection, so a late request fails no worse than a slow one."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+            self._generation += 1
+        for pid, conn in opened:
+            if pid == os.getpid():  # one inherited through a fork belongs to the parent
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
 
     def add_dataset(self, name: str, path: str | os.PathLike, summary: dict[str, Any] | None = None) -> str:
         dataset_id = new_id("data")
@@ -156,28 +190,36 @@ class Store:
         return self._rows(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY created", statuses)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
-        unknown = set(fields) - _RUN_FIELDS
-        if unknown:
-            raise ValueError(f"cannot set run fields {sorted(unknown)}; settable: {sorted(_RUN_FIELDS)}")
-        if "status" in fields and fields["status"] not in RUN_STATUSES:
-            raise ValueError(f"unknown run status {fields['status']!r}; one of {RUN_STATUSES}")
+        """Set a run's other fields (progress, pid, ...); its status changes only through transition_run."""
+        if "status" in fields:
+            raise ValueError("a run's status changes only through transition_run, which checks run_states' table")
+        _check_run_fields(fields)
         assignments = ", ".join(f"{key} = ?" for key in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))
 
-    def transition_run(self, run_id: str, expected: Iterable[str], **fields: Any) -> bool:
-        """Update a run only if its status is one of `expected` (compare-and-set); True if it changed.
+    def transition_run(self, run_id: str, status: str, expected: Iterable[str] | None = None, **fields: Any) -> bool:
+        """Move a run to `status` and set `fields`, only if run_states allows the move from its current status
+        (and that status is one of `expected`, when given): a compare-and-set; True if the run changed.
 
-        The UI and a worker may both try to move a run (stop vs finish); this keeps the first one."""
-        expected = tuple(expected)
-        if set(fields) - _RUN_FIELDS:
-            raise ValueError(f"cannot set run fields {sorted(set(fields) - _RUN_FIELDS)}")
-        assignments = ", ".join(f"{key} = ?" for key in fields)
-        marks = ",".join("?" * len(expected))
+        The UI and a worker may both try to move a run (stop against finish); the first one wins and the
+        other gets False. Naming an unknown status, or an `expected` status that can never reach `status`,
+        is a mistake in the caller and raises ValueError."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}; one of {RUN_STATUSES}")
+        allowed = run_states.sources(status)
+        if expected is not None:
+            impossible = sorted(set(expected) - set(allowed))
+            if impossible:
+                raise ValueError(f"a run cannot move from {impossible} to {status!r}; the table allows it from {allowed}")
+            allowed = tuple(expected)
+        _check_run_fields(fields)
+        assignments = ", ".join(f"{key} = ?" for key in ("status", *fields))
+        marks = ",".join("?" * len(allowed))
         with self.transaction() as db:
             cursor = db.execute(
                 f"UPDATE runs SET {assignments} WHERE id = ? AND status IN ({marks})",
-                (*fields.values(), run_id, *expected),
+                (status, *fields.values(), run_id, *allowed),
             )
             return cursor.rowcount == 1
 
@@ -291,6 +333,12 @@ class Store:
     def set_setting(self, key: str, value: Any) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+
+def _check_run_fields(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - _RUN_FIELDS
+    if unknown:
+        raise ValueError(f"cannot set run fields {sorted(unknown)}; settable: {sorted(_RUN_FIELDS)}")
 
 
 def _decode_json(row: dict[str, Any] | None, column: str) -> dict[str, Any] | None:

@@ -4,7 +4,10 @@ Started by the job manager as `python -m studio.worker --workspace W --run-id ID
 as the executable re-entered with a `worker` argument). Its stdout/stderr go to `<out_dir>/worker.log`.
 Metrics and lifecycle events are buffered and written to the registry by a background thread, so a
 slow disk or a busy database never stalls a training step. Stop is cooperative: the UI writes the
-trainer's STOP file into the run folder; the trainer saves a checkpoint and returns.
+trainer's STOP file into the run folder; the trainer saves a checkpoint and returns. SIGTERM or SIGHUP (a
+`kill`, logging out, the computer shutting down) is turned into the same request, so even then a checkpoint
+is saved; the run then ends "interrupted" rather than "stopped". The worker records its own ending through
+run_states' table and prints it as its last log line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,7 +25,8 @@ from typing import Any
 
 from apertis_core.training import Callback
 
-from .runfiles import FINAL_NAME, clear_stop, log_tail
+from . import run_states as rs
+from .runfiles import FINAL_NAME, clear_stop, log_tail, request_stop
 from .store import Store
 
 FLUSH_INTERVAL_S = 0.5  # well under the 2 s the UI promises between a step and its point on a chart
@@ -114,7 +119,7 @@ class RegistryCallback(Callback):
         # Second stop channel: a Stop pressed while the trainer started up may have had its STOP file
         # cleared by the trainer; the registry still says "stopping".
         run = self.store.get_run(self.run_id)
-        self._stop_wanted = run is not None and run["status"] == "stopping"
+        self._stop_wanted = run is not None and run["status"] == rs.STOPPING
 
     def _loop(self, interval: float) -> None:
         last_system = 0.0
@@ -161,18 +166,72 @@ def load_run_config(config_yaml: str, out_dir: str | Path):
     return dataclasses.replace(RunConfig.from_dict(mapping), out_dir=str(out_dir))
 
 
-def _finish(store: Store, run_id: str, result: Any, out_dir: Path) -> None:
-    stopped = clear_stop(out_dir) | bool(getattr(result, "stopped", False))
-    if stopped:
-        store.update_run(run_id, status="interrupted", ended=time.time(), exit_code=0,
-                         exit_reason="stopped on request; a checkpoint was saved - press Resume to continue")
+class OutsideStop:
+    """Turns SIGTERM/SIGHUP into the trainer's stop request, so a worker ended from outside still saves a
+    checkpoint. A second signal ends the worker at once (KeyboardInterrupt), for a save that hangs."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.signal_name: str | None = None  # set once a signal arrived
+
+    def install(self) -> OutsideStop:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt(f"{self.signal_name} again while saving")
+        self.signal_name = signal.Signals(signum).name
+        print(f"worker {os.getpid()}: {self.signal_name} received; saving a checkpoint, then ending", flush=True)
+        request_stop(self.out_dir)
+
+    def reason(self, saved: bool) -> str:
+        what = "a checkpoint was saved - " if saved else ""
+        return (f"the worker was ended from outside the studio by {self.signal_name} (a `kill`, logging out or the "
+                f"computer shutting down); {what}press Resume to continue from the last checkpoint")
+
+
+def _end(store: Store, run_id: str, status: str, **fields: Any) -> None:
+    """Record how the run ended, through the state table, and say it as the log's last line."""
+    if not store.transition_run(run_id, status, rs.ACTIVE, ended=time.time(), **fields):
+        run = store.get_run(run_id)
+        print(f"worker {os.getpid()}: run {run_id} ended {status}, but the registry already says "
+              f"{run and run['status']}; left as it is", flush=True)
         return
-    store.update_run(run_id, status="finished", ended=time.time(), exit_code=0, exit_reason="finished")
+    print(f"worker {os.getpid()}: run {run_id} {status}: {fields.get('exit_reason') or rs.MEANINGS[status]}", flush=True)
+
+
+def _finish(store: Store, run_id: str, result: Any, out_dir: Path, outside: OutsideStop) -> None:
+    stopped = clear_stop(out_dir) | bool(getattr(result, "stopped", False))
+    at = f" at step {result.steps}" if getattr(result, "steps", None) is not None else ""
+    if outside.signal_name is not None and stopped:
+        _end(store, run_id, rs.INTERRUPTED, exit_code=0, exit_reason=outside.reason(saved=True))
+        return
+    if stopped:
+        _end(store, run_id, rs.STOPPED, exit_code=0,
+             exit_reason=f"stopped on request{at}; a checkpoint was saved - press Resume to continue")
+        return
+    _end(store, run_id, rs.FINISHED, exit_code=0, exit_reason=f"finished{at}")
     bundle = Path(getattr(result, "bundle_dir", None) or out_dir / FINAL_NAME)
     if bundle.is_dir():
         card_path = Path(bundle) / "README.md"
         card = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
         store.add_model(store.get_run(run_id)["name"], bundle, kind="bundle", run_id=run_id, card=card)
+
+
+def _take_run(store: Store, run: dict[str, Any]) -> str | None:
+    """Move the run to running if it is ours to train; else the reason it is not (the worker then exits)."""
+    if run["status"] in rs.ACTIVE:  # the studio marked it when it started this process
+        return None
+    if run["status"] == rs.QUEUED and store.transition_run(run["id"], rs.RUNNING, [rs.QUEUED]):
+        return None  # a worker started by hand takes its run out of the queue itself
+    current = store.get_run(run["id"])["status"]
+    return (f"run {run['id']} is not queued ({rs.describe(current)}). Press Resume (or Train N more) in the studio "
+            "to queue it, then start the worker")
 
 
 def run_worker(workspace: str | Path, run_id: str) -> int:
@@ -184,11 +243,13 @@ def run_worker(workspace: str | Path, run_id: str) -> int:
     if run is None:
         print(f"run {run_id!r} is not in the registry {store.db_path}; start it from the studio", file=sys.stderr)
         return 2
+    refusal = _take_run(store, run)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     out_dir = Path(run["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The manager marks the run running (or stopping, if Stop came while this process started up);
-    # a worker started by hand moves it out of the queue itself.
-    store.transition_run(run_id, ["queued", "interrupted", "failed"], status="running")
+    outside = OutsideStop(out_dir).install()
     store.update_run(run_id, pid=os.getpid(), started=time.time(), ended=None, exit_code=None, exit_reason=None, log_tail=None)
     mode = run["mode"]
     print(f"worker {os.getpid()}: run {run_id} ({mode}) in {out_dir}", flush=True)
@@ -205,12 +266,16 @@ def run_worker(workspace: str | Path, run_id: str) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         registry.close()
+        if outside.signal_name is not None:
+            _end(store, run_id, rs.INTERRUPTED, exit_code=1, exit_reason=outside.reason(saved=False),
+                 log_tail=log_tail(out_dir))
+            return 1
         reason = f"{type(exc).__name__}: {exc}".strip()
-        store.update_run(run_id, status="failed", ended=time.time(), exit_code=1,
-                         exit_reason=reason or "the trainer failed; see the log tail", log_tail=log_tail(out_dir))
+        _end(store, run_id, rs.FAILED, exit_code=1, exit_reason=reason or "the trainer failed; see the log tail",
+             log_tail=log_tail(out_dir))
         return 1
     registry.close()
-    _finish(store, run_id, result, out_dir)
+    _finish(store, run_id, result, out_dir, outside)
     return 0
 
 

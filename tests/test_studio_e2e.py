@@ -2,7 +2,7 @@
 gradio_client through its public api_names, the way a script would.
 
 add demo data -> start a short run -> metrics appear while it runs -> stop -> resume -> it finishes ->
-chat streams a reply; SIGKILL a worker -> interrupted, resumable; restart -> runs and metrics remain.
+chat streams a reply; SIGKILL a worker -> failed, resumable; restart -> runs and metrics remain.
 """
 
 import os
@@ -21,7 +21,6 @@ from studio.tabs import train
 from conftest import HANG_GUARD_S
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("apertis_core.training", reason="apertis_core.training is not importable yet")
 REPO = Path(__file__).resolve().parents[1]
 TINY = "model.d_model=32\nmodel.n_layers=2\nmodel.n_heads=2\nmodel.max_seq_len=32\ntrain.threads=1\ntrain.device=cpu"
 
@@ -43,6 +42,15 @@ def launch(workspace: Path):
 
             return proc, Client(f"http://127.0.0.1:{port}/", verbose=False), time.monotonic() - started
     raise AssertionError(f"the studio exited with {proc.wait()} before serving the page")
+
+
+def wait_for(predicate, timeout=HANG_GUARD_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def wait_status(client, run_id, statuses, timeout=HANG_GUARD_S):
@@ -72,12 +80,10 @@ def test_studio_end_to_end(tmp_path):
         _, dataset_id = client.predict("text", api_name="/add_demo_data")
         run_id = start(client, dataset_id, steps=40)
         store = Store(workspace)
-        deadline = time.monotonic() + 120
-        while store.metric_count(run_id) == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert wait_for(lambda: store.metric_count(run_id) > 0), "no metrics reached the registry"
         assert wait_status(client, run_id, ["running", "stopping"])  # metrics arrived while it runs
         client.predict(run_id, api_name="/stop_run")
-        assert "stopped on request" in wait_status(client, run_id, ["interrupted", "failed"])["exit_reason"]
+        assert "stopped on request" in wait_status(client, run_id, ["stopped", "failed"])["exit_reason"]
         client.predict(run_id, api_name="/resume_run")
         assert wait_status(client, run_id, ["finished", "failed"])["status"] == "finished"
 
@@ -87,15 +93,14 @@ def test_studio_end_to_end(tmp_path):
         assert len(outputs) > 1 and outputs[-1][0][-1]["role"] == "assistant" and "tokens/s" in outputs[-1][1]
 
         killed = start(client, dataset_id, steps=400)
-        while store.get_run(killed)["step"] < 1:
-            time.sleep(0.2)
+        assert wait_for(lambda: store.get_run(killed)["step"] >= 1), store.get_run(killed)
         os.kill(store.get_run(killed)["pid"], signal.SIGKILL)
         dead = wait_status(client, killed, ["interrupted", "failed"])
-        assert dead["status"] == "interrupted" and "signal 9" in dead["exit_reason"]
+        assert dead["status"] == "failed" and "signal 9" in dead["exit_reason"]
         assert "queued to" in client.predict(killed, api_name="/resume_run")
         wait_status(client, killed, ["running"])
         client.predict(killed, api_name="/stop_run")
-        wait_status(client, killed, ["interrupted"])
+        wait_status(client, killed, ["stopped"])
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)

@@ -21,28 +21,80 @@ def test_run_lifecycle_survives_reopen(tmp_path):
     store = Store(tmp_path)
     run = store.create_run("first", "train:\n  max_steps: 3\n", dataset_id="data-x")
     assert run["status"] == "queued" and run["out_dir"].endswith(run["id"])
-    store.update_run(run["id"], status="running", pid=123, started=1.0)
+    assert store.transition_run(run["id"], "running", pid=123, started=1.0)
     store.close()
     again = Store(tmp_path).get_run(run["id"])
     assert again["status"] == "running" and again["pid"] == 123 and again["config"].startswith("train:")
 
 
-def test_update_run_rejects_unknown_fields_and_statuses(tmp_path):
+def test_update_run_rejects_unknown_fields_and_any_status(tmp_path):
     store = Store(tmp_path)
     run = store.create_run("r", "{}")
     with pytest.raises(ValueError, match="cannot set"):
         store.update_run(run["id"], id="other")
+    with pytest.raises(ValueError, match="only through transition_run"):
+        store.update_run(run["id"], status="running")
     with pytest.raises(ValueError, match="unknown run status"):
-        store.update_run(run["id"], status="exploded")
+        store.transition_run(run["id"], "exploded")
+    with pytest.raises(ValueError, match="cannot set"):
+        store.transition_run(run["id"], "running", id="other")
+    assert store.get_run(run["id"])["status"] == "queued"
 
 
 def test_transition_run_only_from_expected_status(tmp_path):
     store = Store(tmp_path)
     run = store.create_run("r", "{}")
-    assert not store.transition_run(run["id"], ["running"], status="stopping")
+    assert not store.transition_run(run["id"], "stopping", ["running"])  # legal move, but the run is queued
     assert store.get_run(run["id"])["status"] == "queued"
-    assert store.transition_run(run["id"], ["queued"], status="running")
-    assert store.get_run(run["id"])["status"] == "running"
+    assert store.transition_run(run["id"], "running", ["queued"], pid=7)
+    assert store.get_run(run["id"])["status"] == "running" and store.get_run(run["id"])["pid"] == 7
+    with pytest.raises(ValueError, match="cannot move from"):  # a caller's mistake, whatever the run's state
+        store.transition_run(run["id"], "stopping", ["finished"])
+
+
+def _old_registry(path, rows):
+    """A studio.db as the studio wrote it before run_states (user_version 0), holding `rows` of (status, reason)."""
+    Store(path).close()
+    db = sqlite3.connect(path / "studio.db")
+    db.execute("PRAGMA user_version = 0")
+    for index, (status, reason) in enumerate(rows):
+        db.execute("INSERT INTO runs(id, name, status, config, out_dir, created, exit_reason) VALUES (?, ?, ?, '{}', '', ?, ?)",
+                   (f"run-{index}", f"r{index}", status, float(index), reason))
+    db.commit()
+    db.close()
+
+
+def test_old_registry_statuses_are_migrated_once(tmp_path):
+    _old_registry(tmp_path, [
+        ("interrupted", "stopped on request; a checkpoint was saved - press Resume to continue"),
+        ("interrupted", "cancelled before it started; press Resume to queue it again"),
+        ("interrupted", "the worker process ended while the studio was closed without finishing"),
+        ("finished", "finished"),
+        ("paused", None),  # a word no studio here ever wrote: from a newer version or a damaged file
+    ])
+    store = Store(tmp_path)
+    runs = {run["id"]: run for run in store.list_runs()}
+    assert [runs[f"run-{i}"]["status"] for i in range(5)] == ["stopped", "stopped", "interrupted", "finished", "interrupted"]
+    assert "'paused'" in runs["run-4"]["exit_reason"] and "Resume" in runs["run-4"]["exit_reason"]
+    assert sqlite3.connect(tmp_path / "studio.db").execute("PRAGMA user_version").fetchone()[0] == 2
+    # Once migrated, a stop reason written by hand (or a future word) is not rewritten on the next open.
+    sqlite3.connect(tmp_path / "studio.db", isolation_level=None).execute(
+        "UPDATE runs SET status = 'interrupted' WHERE id = 'run-0'")
+    assert Store(tmp_path).get_run("run-0")["status"] == "interrupted"
+
+
+def test_close_reaches_every_thread_and_the_store_still_works_after(tmp_path):
+    import threading
+
+    store = Store(tmp_path)
+    opened = []
+    worker = threading.Thread(target=lambda: opened.append(store._connection()))
+    worker.start()
+    worker.join()
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[0].execute("SELECT 1")
+    assert store.create_run("after", "{}")["status"] == "queued"  # a late request opens a fresh connection
 
 
 def test_metrics_numbers_and_json_and_csv(tmp_path):

@@ -2,7 +2,8 @@
 between two runs, a CSV download of a run's metrics, and the timeline of sample generations.
 
 The timer handler first compares a cheap signature (row count and status per run) with the last one it
-drew, and skips redrawing when nothing changed, so an idle tab costs one small query every tick.
+drew, and skips redrawing when nothing changed, so an idle tab costs one small query every tick. It also
+renews the run pickers when a run's status word changes, so a label never shows a state the run has left.
 """
 
 from __future__ import annotations
@@ -19,7 +20,20 @@ CHART_NAMES = [*CHARTS, "experts"]
 
 
 def run_options(services) -> list[tuple[str, str]]:
+    """(label, run id) for the pickers; the label carries the run's state word from run_states."""
     return [(f"{r['name']} · {r['status']}", r["id"]) for r in services.store.list_runs()]
+
+
+PICKERS = 4  # the dropdowns that list runs: the overlay, run A, run B and the CSV run
+
+
+def tick(services, run_ids, last, shown_options) -> tuple:
+    """The timer: metrics_view's outputs, then the pickers and their options (gr.skip() when unchanged)."""
+    view = metrics_view(services, run_ids, last)
+    options = run_options(services)
+    if options == shown_options:
+        return (*view, *[gr.skip()] * PICKERS, shown_options)
+    return (*view, *[gr.Dropdown(choices=options) for _ in range(PICKERS)], options)
 
 
 def _signature(services, run_ids: list[str]) -> list[list[Any]]:
@@ -85,6 +99,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
     runs = gr.Dropdown(label="Runs (choose several to overlay)", choices=choices, multiselect=True,
                        value=[choices[0][1]] if choices else [])
     last = gr.State(None)
+    shown_options = gr.State(choices)
     plots = {}
     with gr.Row():
         plots["loss"] = gr.Plot(label="Loss")
@@ -105,14 +120,15 @@ def build(services, timer_s: float) -> dict[str, Any]:
             csv_file = gr.File(label="Download")
     outputs = [*(plots[name] for name in CHART_NAMES), samples, last]
     runs.change(partial(metrics_view, services), runs, outputs, api_name="metrics")
-    gr.Timer(timer_s).tick(partial(metrics_view, services), [runs, last], outputs, api_visibility="private",
-                           show_progress="hidden")
+    pickers = [runs, run_a, run_b, csv_run]
+    gr.Timer(timer_s).tick(partial(tick, services), [runs, last, shown_options], [*outputs, *pickers, shown_options],
+                           api_visibility="private", show_progress="hidden")
     for picker in (run_a, run_b):
         picker.change(partial(config_diff, services), [run_a, run_b], diff, api_visibility="private")
     csv_btn.click(partial(metrics_csv, services), csv_run, csv_file, api_name="metrics_csv")
 
     def refresh():
         options = run_options(services)
-        return [gr.Dropdown(choices=options) for _ in range(4)]
+        return [gr.Dropdown(choices=options) for _ in range(PICKERS)]
 
-    return {"refresh": refresh, "refresh_outputs": [runs, run_a, run_b, csv_run]}
+    return {"refresh": refresh, "refresh_outputs": pickers}
