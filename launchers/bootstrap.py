@@ -2,11 +2,11 @@
 
 Standard library only (it runs before anything is installed): start.sh/.command/.bat run it with the venv's Python.
 1. `--torch cpu|cuda|default` (or APERTIS_TORCH) is ours; the other arguments go to the studio as they are.
-2. Torch: "cuda" on Linux/Windows when nvidia-smi lists a GPU, else "default": the build requirements.txt pins,
-   which runs on the CPU too (on Linux it just carries CUDA libraries along), so a GPU added later just works.
-   `cpu` saves ~3 GB on Linux (PyTorch's CPU index); `cuda` on Windows needs PyTorch's CUDA index.
-3. A stamp in the venv (hash of requirements.txt, torch variant, Python version): only when it changed,
-   preflight (Python, disk space, path), pip install, new stamp; else "requirements up to date".
+2. Torch (torch_choice.py): "cuda" with an NVIDIA GPU, "cpu" without one on Linux/Windows (on Linux from PyTorch's
+   CPU index, ~3 GB smaller; PyPI's build when that index does not answer), "default" (PyPI's build) on macOS.
+3. A stamp in the venv (hash of requirements.txt, pyproject.toml, app folder, torch build installed, Python
+   version): only when it changed, preflight (Python, disk space, path), pip install of the requirements and of
+   the app itself (editable, for the `apertis` command in the venv), new stamp; else "requirements up to date".
 4. `python -m studio --no-browser ARGS` runs as a child, echoed; the browser opens once the first http://host:port
    URL it prints answers (not with --no-browser or on Linux without a display); Ctrl-C and exit code pass through.
 """
@@ -28,17 +28,13 @@ import webbrowser
 from collections import deque, namedtuple
 from pathlib import Path
 
+import torch_choice
+from torch_choice import BootstrapError
+
 GB = 1000**3
 INSTALL_BYTES = 8 * GB  # measured on Linux: a 5.1 GB venv (torch + CUDA libraries), plus pip's cache of the wheels
 STAMP_NAME = "apertis-requirements.stamp"
-# Only these combinations need PyTorch's own index; everywhere else PyPI's build is the one wanted.
-TORCH_INDEX = {("Linux", "cpu"): "https://download.pytorch.org/whl/cpu",
-               ("Windows", "cuda"): "https://download.pytorch.org/whl/cu130"}
 LaunchArgs = namedtuple("LaunchArgs", "torch studio_args target open_browser")  # target: (url, host, port)
-
-
-class BootstrapError(Exception):
-    """A failure the user can act on; the message says what went wrong and what to do."""
 
 
 def parse_args(argv: list[str]) -> LaunchArgs:
@@ -70,48 +66,13 @@ def studio_command(python: str, studio_args: list[str], environ: dict[str, str])
     """(command, env) for the studio: isolated as by the launchers, unbuffered UTF-8, no browser (we open it)."""
     env = {key: value for key, value in environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-    return [python, "-m", "studio", "--no-browser", *studio_args], env
+    no_browser = [] if "--no-browser" in studio_args else ["--no-browser"]
+    return [python, "-m", "studio", *no_browser, *studio_args], env
 
 
-def nvidia_gpu_present(run=subprocess.run, which=shutil.which) -> bool:
-    """True when nvidia-smi exists and lists a GPU (with a broken driver it fails or lists none)."""
-    try:
-        done = which("nvidia-smi") and run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return bool(done) and done.returncode == 0 and "GPU" in done.stdout
-
-
-def choose_torch(system: str, requested: str | None, gpu_present) -> tuple[str, str]:
-    """(variant, why): the requested one if any, else cuda with an NVIDIA GPU on Linux/Windows, else default."""
-    if requested:
-        variant = requested.strip().lower()
-        if variant not in ("cpu", "cuda", "default"):
-            raise BootstrapError(f"--torch / APERTIS_TORCH must be cpu, cuda or default, not {requested!r}.")
-        if variant == "cuda" and system == "Darwin":
-            raise BootstrapError("PyTorch has no CUDA build for macOS: use --torch default (it uses Apple's GPU).")
-        return variant, "as asked"
-    if system != "Darwin" and gpu_present():
-        return "cuda", "an NVIDIA GPU was found"
-    return "default", "macOS" if system == "Darwin" else "no NVIDIA GPU found; the standard build runs on the CPU"
-
-
-def install_plan(system: str, variant: str, requirements: str) -> tuple[list[list[str]], str]:
-    """(pip install argument lists to run first, requirements text to install after them). From PyTorch's index,
-    torch and torchvision come at their pinned versions (`==` matches `+cpu`/`+cu130`), left out of the rest."""
-    index = TORCH_INDEX.get((system, variant))
-    if index is None:
-        return [], requirements
-    lines = [(line, re.match(r"\s*(torch|torchvision)(?![\w.-])\s*(?:={2,3}\s*([\w.]+))?", line))
-             for line in requirements.splitlines()]
-    pins = [f"{found[1]}=={found[2]}" if found[2] else found[1] for _, found in lines if found]
-    rest = [line for line, found in lines if not found]
-    return [["--index-url", index, *pins]], "\n".join(rest) + "\n"
-
-
-def requirements_stamp(requirements: str, variant: str, python_version: str) -> str:
-    payload = "\n".join((hashlib.sha256(requirements.encode("utf-8")).hexdigest(), variant, python_version))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+def requirements_stamp(requirements: str, project: str, app_dir: str, variant: str, python_version: str) -> str:
+    """Hash of what the venv's install depends on; app_dir because the editable install points into it."""
+    return hashlib.sha256("\0".join((requirements, project, app_dir, variant, python_version)).encode()).hexdigest()
 
 
 def preflight(python_version: str, app_dir: str, system: str, free_bytes: int) -> list[str]:
@@ -141,15 +102,15 @@ PIP_DIAGNOSES = (  # (phrases in pip's errors, what to tell the user); the first
 )
 
 
-def diagnose_pip_failure(output: str, code: int, python_version: str) -> str:
+def diagnose_pip_failure(output: str, code: int, python_version: str, what: str = "the requirements") -> str:
     for phrases, advice in PIP_DIAGNOSES:
         if any(phrase in output for phrase in phrases):
-            return f"installing the requirements failed: {advice.format(python=python_version)}"
-    return (f"installing the requirements failed (pip exit code {code}); its messages are above. Fix what they "
+            return f"installing {what} failed: {advice.format(python=python_version)}"
+    return (f"installing {what} failed (pip exit code {code}); its messages are above. Fix what they "
             "say and start again; deleting the .venv folder forces a clean install.")
 
 
-def run_pip(python: str, pip_args: list[str]) -> None:
+def run_pip(python: str, pip_args: list[str], what: str = "the requirements") -> None:
     """pip install; its progress bars go straight to the terminal, its errors are echoed and kept to diagnose."""
     command = [python, "-m", "pip", "install", "--disable-pip-version-check", *pip_args]
     tail: deque[str] = deque(maxlen=300)
@@ -158,32 +119,83 @@ def run_pip(python: str, pip_args: list[str]) -> None:
             sys.stderr.write(line)
             tail.append(line)
     if pip.returncode != 0:
-        raise BootstrapError(diagnose_pip_failure("".join(tail), pip.returncode, platform.python_version()))
+        output, version = "".join(tail), platform.python_version()
+        raise BootstrapError(diagnose_pip_failure(output, pip.returncode, version, what))
 
 
-def ensure_requirements(venv_dir: Path, requirements_path: Path, variant: str, system: str, *, pip=run_pip,
-                        python: str = sys.executable, python_version: str = platform.python_version(),
+def ensure_requirements(venv_dir: Path, app_dir: Path, variant: str, system: str, *, asked: bool = False,
+                        pip=run_pip, probe=torch_choice.index_problem, python: str = sys.executable,
+                        python_version: str = platform.python_version(),
                         disk_free=lambda path: shutil.disk_usage(path).free) -> bool:
-    """Install the requirements when the stamp differs; True when it installed. The stamp is written last."""
-    if not requirements_path.is_file():
-        raise BootstrapError(f"{requirements_path} is missing: the app folder is incomplete; download the app again.")
-    requirements = requirements_path.read_text(encoding="utf-8")
-    stamp, stamp_file = requirements_stamp(requirements, variant, python_version), venv_dir / STAMP_NAME
-    if stamp_file.is_file() and stamp_file.read_text(encoding="utf-8").strip() == stamp:
-        print(f"Requirements up to date (torch build: {variant}, Python {python_version}); nothing to install.")
-        return False
-    for warning in preflight(python_version, str(requirements_path.parent), system, disk_free(venv_dir)):
+    """Install the requirements, then the app itself, when the stamp differs; True when it installed.
+
+    PyTorch's index is tried first where the build comes from there; when it fails, a build not `asked` for falls
+    back to PyPI's. The stamp names the build actually installed and is written last, so a failed install is
+    retried and a fallback tries PyTorch's index again at the next start."""
+    requirements, project = (_app_file(app_dir / name) for name in ("requirements.txt", "pyproject.toml"))
+
+    def stamp_of(build: str) -> str:
+        return requirements_stamp(requirements, project, str(app_dir), build, python_version)
+
+    if _stamped(venv_dir, stamp_of(variant)):
+        return _up_to_date(variant, python_version)
+    index = torch_choice.torch_index(system, variant)
+    unreachable = index and probe(index)
+    if unreachable:
+        kept = _stamped(venv_dir, stamp_of("default"))  # fell back at an earlier start too
+        variant = torch_choice.fall_back(variant, f"could not be reached ({unreachable})", asked, kept)
+        if kept:
+            return _up_to_date(variant, python_version)
+    for warning in preflight(python_version, str(app_dir), system, disk_free(venv_dir)):
         print(f"WARNING: {warning}", file=sys.stderr)
     print(f"Installing the requirements (torch build: {variant}); the first time takes several minutes.", flush=True)
-    first, rest = install_plan(system, variant, requirements)
-    for pip_args in first:
-        pip(python, pip_args)
+    first, rest = torch_choice.install_plan(system, variant, requirements)
+    try:
+        for pip_args in first:
+            pip(python, pip_args, "PyTorch")
+    except BootstrapError:  # e.g. the connection dropped, or the index has no build of that version for this machine
+        if asked:  # no fallback for a build asked for by name: pip's diagnosis says what to do
+            raise
+        variant = torch_choice.fall_back(variant, "could not provide PyTorch (pip's messages are above)", asked)
+        first, rest = torch_choice.install_plan(system, variant, requirements)
+    requirements_path = app_dir / "requirements.txt"
     if rest != requirements:
         requirements_path = venv_dir / "apertis-requirements.txt"
         requirements_path.write_text(rest, encoding="utf-8")
     pip(python, ["-r", str(requirements_path)])
-    stamp_file.write_text(stamp + "\n", encoding="utf-8")
+    # Editable: `apertis` then runs the app folder's code, as the studio does, and an updated folder needs no
+    # reinstall. --no-deps: the requirements above are the pinned dependencies.
+    pip(python, ["--no-deps", "--editable", str(app_dir)], "the apertis command line")
+    (venv_dir / STAMP_NAME).write_text(stamp_of(variant) + "\n", encoding="utf-8")
     return True
+
+
+def _app_file(path: Path) -> str:
+    if not path.is_file():
+        raise BootstrapError(f"{path} is missing: the app folder is incomplete; download the app again.")
+    return path.read_text(encoding="utf-8")
+
+
+def _stamped(venv_dir: Path, stamp: str) -> bool:
+    stamp_file = venv_dir / STAMP_NAME
+    return stamp_file.is_file() and stamp_file.read_text(encoding="utf-8").strip() == stamp
+
+
+def _up_to_date(variant: str, python_version: str) -> bool:
+    print(f"Requirements up to date (torch build: {variant}, Python {python_version}); nothing to install.")
+    return False
+
+
+def command_line_note(venv_dir: Path, system: str) -> str | None:
+    """Where the `apertis` command is and how to reach it; None when it is not installed."""
+    if system == "Windows":
+        if (venv_dir / "Scripts" / "apertis.exe").is_file():
+            return ("The `apertis` command line is in .venv\\Scripts: in the app folder run .venv\\Scripts\\activate "
+                    "(PowerShell: .venv\\Scripts\\Activate.ps1), then `apertis --help`.")
+    elif (venv_dir / "bin" / "apertis").is_file():
+        return ("The `apertis` command line is in .venv/bin: in the app folder run `source .venv/bin/activate`, then "
+                "`apertis --help`.")
+    return None
 
 
 def find_url(text: str) -> tuple[str, str, int] | None:
@@ -252,10 +264,8 @@ def run_studio(command: list[str], env: dict, cwd: Path, expected, open_browser:
             # When something already listened on the expected port, only the URL the studio prints is trusted.
             candidate = printed.get("target") or (None if port_taken_before else expected)
             target = candidate if candidate and port_answers(candidate[1], candidate[2]) else None
-        if target:
-            opened = open_browser and opener(target[0])
-            how = "it is open in your browser" if opened else "open it in your browser"
-            print(f"\nApertis Studio is ready at {target[0]}: {how}. Ctrl-C here stops it.", flush=True)
+        if target and open_browser and opener(target[0]):  # the studio's own line already said it is ready
+            print(f"Opened {target[0]} in your browser.", flush=True)
         elif child.poll() is None:
             print(f"\nNo answer from the studio after {start_timeout:.0f} s; once it is up, open the address above.")
         while child.poll() is None:  # a timed wait: Windows delivers Ctrl-C only between waits
@@ -279,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         if sys.prefix == sys.base_prefix:
             raise BootstrapError("bootstrap.py runs in the app's virtual environment: start with launchers/start.sh "
                                  "(Windows: launchers\\start.bat, macOS: launchers/start.command).")
-        variant, why = choose_torch(system, args.torch or os.environ.get("APERTIS_TORCH"), nvidia_gpu_present)
+        requested = args.torch or os.environ.get("APERTIS_TORCH")
+        variant, why = torch_choice.choose_torch(system, requested, torch_choice.nvidia_gpu_present)
         print(f"PyTorch build: {variant} ({why}).")
-        ensure_requirements(Path(sys.prefix), app_dir / "requirements.txt", variant, system)
+        ensure_requirements(Path(sys.prefix), app_dir, variant, system, asked=bool(requested))
+        note = command_line_note(Path(sys.prefix), system)
+        if note:
+            print(note)
     except BootstrapError as err:
         print(f"\nERROR: {err}", file=sys.stderr)
         return 1
@@ -290,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     command, env = studio_command(sys.executable, args.studio_args, dict(os.environ))
     code = run_studio(command, env, app_dir, args.target, args.open_browser and browser_available(system, os.environ))
-    if code not in (0, 130):
+    if code > 128 and code != 130:
+        print(f"\nThe studio was ended by signal {code - 128} from outside (the system, or another program, "
+              "stopped it). Start it again; runs that were training are kept.", file=sys.stderr)
+    elif code not in (0, 130):
         print(f"\nThe studio stopped with exit code {code}; its messages above say why.", file=sys.stderr)
     return code
 

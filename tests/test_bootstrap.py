@@ -1,11 +1,14 @@
 """The launcher bootstrap's pieces: argument pass-through, torch choice, stamp, preflight, install, URL, studio run."""
 
-import importlib.util
+import http.server
+import importlib
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from unittest.mock import Mock
@@ -13,9 +16,11 @@ from unittest.mock import Mock
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("bootstrap", REPO / "launchers" / "bootstrap.py")
-bootstrap = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bootstrap)
+if str(REPO / "launchers") not in sys.path:  # bootstrap.py imports torch_choice beside it, as when run as a script
+    sys.path.insert(0, str(REPO / "launchers"))
+bootstrap = importlib.import_module("bootstrap")
+torch_choice = importlib.import_module("torch_choice")
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 REQUIREMENTS = "# pins\ntorch===2.13.0\ntorchvision==0.28.0\ntorch-geometric==2.0\ngradio==6.31.0\n"
 PLENTY = 100 * bootstrap.GB
@@ -47,31 +52,35 @@ def test_bad_arguments_say_what_to_do(argv, message):
         bootstrap.parse_args(argv)
 
 
-def test_studio_command_adds_no_browser_and_isolates_the_environment():
+def test_studio_command_adds_no_browser_once_and_isolates_the_environment():
     command, env = bootstrap.studio_command("py", ["--port", "1"], {"PYTHONPATH": "x", "PYTHONHOME": "y", "A": "1"})
     assert command == ["py", "-m", "studio", "--no-browser", "--port", "1"]
+    assert bootstrap.studio_command("py", ["--no-browser"], {})[0] == ["py", "-m", "studio", "--no-browser"]
     assert "PYTHONPATH" not in env and "PYTHONHOME" not in env and env["A"] == "1"
     assert env["PYTHONNOUSERSITE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
 
 
-@pytest.mark.parametrize("system, gpu, variant", [
-    ("Linux", True, "cuda"), ("Linux", False, "default"), ("Windows", True, "cuda"), ("Windows", False, "default"),
+@pytest.mark.parametrize("system, gpu, variant, why", [
+    ("Linux", True, "cuda", "NVIDIA GPU was found"), ("Windows", True, "cuda", "NVIDIA GPU was found"),
+    ("Linux", False, "cpu", "~3 GB smaller"), ("Windows", False, "cpu", "Windows build is the CPU-only one"),
 ])
-def test_torch_follows_the_gpu_on_linux_and_windows(system, gpu, variant):
-    assert bootstrap.choose_torch(system, None, lambda: gpu)[0] == variant
+def test_torch_follows_the_gpu_on_linux_and_windows(system, gpu, variant, why):
+    chosen, reason = torch_choice.choose_torch(system, None, lambda: gpu)
+    assert chosen == variant and why in reason
 
 
 def test_macos_and_overrides_decide_without_probing():
-    assert bootstrap.choose_torch("Darwin", None, must_not_run) == ("default", "macOS")
-    assert bootstrap.choose_torch("Linux", " CPU ", must_not_run)[0] == "cpu"
-    assert bootstrap.choose_torch("Windows", "default", must_not_run)[0] == "default"
+    assert torch_choice.choose_torch("Darwin", None, must_not_run)[0] == "default"
+    assert torch_choice.choose_torch("Linux", " CPU ", must_not_run) == ("cpu", "as asked")
+    assert torch_choice.choose_torch("Linux", "default", must_not_run)[0] == "default"
+    assert torch_choice.choose_torch("Windows", "cuda", must_not_run)[0] == "cuda"
 
 
 def test_bad_override_and_cuda_on_macos_are_errors():
     with pytest.raises(bootstrap.BootstrapError, match="cpu, cuda or default"):
-        bootstrap.choose_torch("Linux", "rocm", must_not_run)
+        torch_choice.choose_torch("Linux", "rocm", must_not_run)
     with pytest.raises(bootstrap.BootstrapError, match="no CUDA build for macOS"):
-        bootstrap.choose_torch("Darwin", "cuda", must_not_run)
+        torch_choice.choose_torch("Darwin", "cuda", must_not_run)
 
 
 def test_gpu_probe_needs_a_working_nvidia_smi():
@@ -79,39 +88,48 @@ def test_gpu_probe_needs_a_working_nvidia_smi():
         return lambda *a, **k: subprocess.CompletedProcess(a, code, out, "")
 
     found = lambda name: "/usr/bin/nvidia-smi"  # noqa: E731
-    assert bootstrap.nvidia_gpu_present(ran(0, "GPU 0: NVIDIA H100 (UUID: x)\n"), found)
-    assert not bootstrap.nvidia_gpu_present(ran(0, "GPU 0: x"), lambda name: None)
-    assert not bootstrap.nvidia_gpu_present(ran(9, "NVIDIA-SMI has failed"), found)
-    assert not bootstrap.nvidia_gpu_present(ran(0, "No devices were found"), found)
-    assert not bootstrap.nvidia_gpu_present(Mock(side_effect=subprocess.TimeoutExpired("nvidia-smi", 20)), found)
+    assert torch_choice.nvidia_gpu_present(ran(0, "GPU 0: NVIDIA H100 (UUID: x)\n"), found)
+    assert not torch_choice.nvidia_gpu_present(ran(0, "GPU 0: x"), lambda name: None)
+    assert not torch_choice.nvidia_gpu_present(ran(9, "NVIDIA-SMI has failed"), found)
+    assert not torch_choice.nvidia_gpu_present(ran(0, "No devices were found"), found)
+    assert not torch_choice.nvidia_gpu_present(Mock(side_effect=subprocess.TimeoutExpired("nvidia-smi", 20)), found)
 
 
-@pytest.mark.parametrize("system, variant", [("Linux", "default"), ("Linux", "cuda"), ("Darwin", "cpu"),
-                                             ("Windows", "cpu"), ("Windows", "default")])
-def test_standard_build_installs_requirements_as_they_are(system, variant):
-    assert bootstrap.install_plan(system, variant, REQUIREMENTS) == ([], REQUIREMENTS)
+@pytest.mark.parametrize("system, variant", [("Linux", "default"), ("Linux", "cuda"), ("Darwin", "default"),
+                                             ("Darwin", "cpu"), ("Windows", "cpu"), ("Windows", "default")])
+def test_pypi_builds_pin_torch_and_torchvision_exactly_so_a_cpu_build_gets_replaced(system, variant):
+    assert torch_choice.install_plan(system, variant, REQUIREMENTS) == (
+        [], "# pins\ntorch===2.13.0\ntorchvision===0.28.0\ntorch-geometric==2.0\ngradio==6.31.0\n")
+    exact = "torch===2.13.0\ntorchvision===0.28.0 ; sys_platform != 'emscripten'\ntorchvision-x==1\n"
+    assert torch_choice.install_plan(system, variant, exact) == ([], exact)
 
 
-@pytest.mark.parametrize("system, variant, index", [("Linux", "cpu", "/whl/cpu"), ("Windows", "cuda", "/whl/cu1")])
-def test_pytorch_index_builds_take_torch_out_of_the_requirements(system, variant, index):
-    first, rest = bootstrap.install_plan(system, variant, REQUIREMENTS)
-    assert len(first) == 1 and index in first[0][1]
-    assert first[0][0] == "--index-url" and first[0][2:] == ["torch==2.13.0", "torchvision==0.28.0"]
+@pytest.mark.parametrize("system, variant, index, label", [("Linux", "cpu", "/whl/cpu", "+cpu"),
+                                                           ("Windows", "cuda", "/whl/cu130", "+cu130")])
+def test_pytorch_index_builds_take_torch_out_of_the_requirements(system, variant, index, label):
+    first, rest = torch_choice.install_plan(system, variant, REQUIREMENTS)
+    assert len(first) == 1 and first[0][1].endswith(index)
+    # The local label makes pip replace a standard 2.13.0 already installed (a plain ==2.13.0 would keep it).
+    assert first[0][0] == "--index-url" and first[0][2:] == [f"torch==2.13.0{label}", f"torchvision==0.28.0{label}"]
     assert rest.splitlines() == ["# pins", "torch-geometric==2.0", "gradio==6.31.0"]
 
 
+def test_an_index_build_with_nothing_of_torch_to_install_skips_the_index():
+    assert torch_choice.install_plan("Linux", "cpu", "gradio==6.31.0\n") == ([], "gradio==6.31.0\n")
+
+
 def test_real_requirements_pin_torch_and_torchvision():
-    first, rest = bootstrap.install_plan("Linux", "cpu", (REPO / "requirements.txt").read_text())
+    first, rest = torch_choice.install_plan("Linux", "cpu", (REPO / "requirements.txt").read_text())
     assert [pin.split("==")[0] for pin in first[0][2:]] == ["torch", "torchvision"]
-    assert "gradio" in rest
+    assert all(pin.endswith("+cpu") for pin in first[0][2:]) and "gradio" in rest
 
 
-def test_stamp_changes_only_with_requirements_variant_or_python():
-    stamp = bootstrap.requirements_stamp(REQUIREMENTS, "default", "3.11.7")
-    assert stamp == bootstrap.requirements_stamp(REQUIREMENTS, "default", "3.11.7")
-    assert stamp != bootstrap.requirements_stamp(REQUIREMENTS + "tqdm\n", "default", "3.11.7")
-    assert stamp != bootstrap.requirements_stamp(REQUIREMENTS, "cpu", "3.11.7")
-    assert stamp != bootstrap.requirements_stamp(REQUIREMENTS, "default", "3.11.8")
+def test_stamp_changes_with_requirements_project_folder_variant_or_python():
+    parts = (REQUIREMENTS, "[project]\n", "/home/me/Apertis", "default", "3.11.7")
+    stamp = bootstrap.requirements_stamp(*parts)
+    assert stamp == bootstrap.requirements_stamp(*parts)
+    for i, changed in enumerate((REQUIREMENTS + "tqdm\n", "[project]\nx\n", "/home/me/moved", "cpu", "3.11.8")):
+        assert stamp != bootstrap.requirements_stamp(*parts[:i], changed, *parts[i + 1:])
 
 
 def test_low_disk_and_old_python_are_errors_with_the_numbers():
@@ -138,19 +156,30 @@ def test_pip_failures_are_explained():
 
 
 class FakePip:
-    def __init__(self, fail=False):
-        self.calls, self.fail = [], fail
+    """Records pip's argument lists; fails those that `fail` says yes to."""
 
-    def __call__(self, python, args):
+    def __init__(self, fail=lambda args: False):
+        self.calls, self.whats, self.fail = [], [], fail
+
+    def __call__(self, python, args, what="the requirements"):
         self.calls.append(args)
-        if self.fail:
-            raise bootstrap.BootstrapError("installing the requirements failed")
+        self.whats.append(what)
+        if self.fail(args):
+            raise bootstrap.BootstrapError(f"installing {what} failed")
 
 
-def install(tmp_path, pip, system="Linux", variant="default", python_version="3.11.7", free=PLENTY):
-    return bootstrap.ensure_requirements(tmp_path / "venv", tmp_path / "app" / "requirements.txt", variant, system,
-                                         pip=pip, python="py", python_version=python_version,
-                                         disk_free=lambda path: free)
+def reachable(index):
+    return None
+
+
+def unreachable(index):
+    return "[Errno -3] Temporary failure in name resolution"
+
+
+def install(app, pip, system="Linux", variant="default", python_version="3.11.7", free=PLENTY, probe=must_not_run,
+            asked=False):
+    return bootstrap.ensure_requirements(app / "venv", app / "app", variant, system, asked=asked, pip=pip, probe=probe,
+                                         python="py", python_version=python_version, disk_free=lambda path: free)
 
 
 @pytest.fixture
@@ -158,17 +187,40 @@ def app(tmp_path):
     (tmp_path / "venv").mkdir()
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "requirements.txt").write_text(REQUIREMENTS)
+    (tmp_path / "app" / "pyproject.toml").write_text("[project]\nname = 'apertis-studio'\n")
     return tmp_path
+
+
+def stamped(app, variant, python_version="3.11.7"):
+    """Whether the venv's stamp says `variant` is installed for the app as it is."""
+    files = [(app / "app" / name).read_text() for name in ("requirements.txt", "pyproject.toml")]
+    expected = bootstrap.requirements_stamp(*files, str(app / "app"), variant, python_version)
+    return (app / "venv" / bootstrap.STAMP_NAME).read_text().strip() == expected
+
+
+def is_index(args):
+    return args[0] == "--index-url"
 
 
 def test_install_runs_only_when_something_changed(app, capsys):
     pip = FakePip()
-    assert install(app, pip) and pip.calls == [["-r", str(app / "app" / "requirements.txt")]]
-    assert not install(app, pip) and len(pip.calls) == 1
+    assert install(app, pip) and len(pip.calls) == 2 and stamped(app, "default")
+    assert not install(app, pip) and len(pip.calls) == 2
     assert "Requirements up to date" in capsys.readouterr().out
-    assert install(app, pip, python_version="3.11.8") and len(pip.calls) == 2
+    assert install(app, pip, python_version="3.11.8") and len(pip.calls) == 4
     (app / "app" / "requirements.txt").write_text(REQUIREMENTS + "tqdm==4.70.1\n")
-    assert install(app, pip, python_version="3.11.8") and len(pip.calls) == 3
+    assert install(app, pip, python_version="3.11.8") and len(pip.calls) == 6
+    (app / "app" / "pyproject.toml").write_text("[project]\nname = 'apertis-studio'\nversion = '0.2'\n")
+    assert install(app, pip, python_version="3.11.8") and len(pip.calls) == 8
+
+
+def test_requirements_then_the_app_itself_for_the_apertis_command(app):
+    pip = FakePip()
+    install(app, pip)
+    (requirements_args, project_args) = pip.calls
+    assert requirements_args[0] == "-r" and "torchvision===0.28.0" in Path(requirements_args[1]).read_text()
+    assert project_args == ["--no-deps", "--editable", str(app / "app")]
+    assert pip.whats[1] == "the apertis command line"
 
 
 def test_low_disk_or_a_failed_install_leaves_no_stamp_so_the_next_start_retries(app):
@@ -177,18 +229,160 @@ def test_low_disk_or_a_failed_install_leaves_no_stamp_so_the_next_start_retries(
         install(app, pip, free=bootstrap.GB)
     assert pip.calls == []  # refused before pip ran
     with pytest.raises(bootstrap.BootstrapError):
-        install(app, FakePip(fail=True))
+        install(app, FakePip(fail=lambda args: True))
+    with pytest.raises(bootstrap.BootstrapError, match="installing the apertis command line failed"):
+        install(app, FakePip(fail=lambda args: "--editable" in args))
     assert not (app / "venv" / bootstrap.STAMP_NAME).exists()
-    assert install(app, pip) and len(pip.calls) == 1
+    assert install(app, pip) and len(pip.calls) == 2
 
 
-def test_cpu_build_on_linux_installs_torch_from_the_index_then_the_rest(app):
+def test_no_gpu_on_linux_installs_the_cpu_build_from_pytorchs_index_then_the_rest(app, capsys):
     pip = FakePip()
-    install(app, pip, variant="cpu")
-    (index_args, rest_args) = pip.calls
-    assert index_args[:2] == ["--index-url", "https://download.pytorch.org/whl/cpu"]
+    probed = []
+    assert install(app, pip, variant="cpu", probe=lambda index: probed.append(index))
+    assert probed == [CPU_INDEX]
+    (index_args, rest_args, project_args) = pip.calls
+    assert index_args == ["--index-url", CPU_INDEX, "torch==2.13.0+cpu", "torchvision==0.28.0+cpu"]
     rest_file = Path(rest_args[1])
-    assert rest_file.parent == app / "venv" and "torch=" not in rest_file.read_text()
+    assert rest_file.parent == app / "venv" and "torch" not in rest_file.read_text().replace("torch-geometric", "")
+    assert "--editable" in project_args and stamped(app, "cpu")
+    assert "could not be reached" not in capsys.readouterr().out
+    assert not install(app, pip, variant="cpu", probe=must_not_run)  # up to date: no probe, no pip
+
+
+def test_unreachable_cpu_index_installs_the_standard_build_says_so_and_stamps_what_it_installed(app, capsys):
+    pip = FakePip()
+    assert install(app, pip, variant="cpu", probe=unreachable)
+    out = capsys.readouterr().out
+    assert ("PyTorch's CPU index could not be reached ([Errno -3] Temporary failure in name resolution); installing "
+            "the standard build instead, which is larger but runs the same.") in out
+    assert not any(is_index(args) for args in pip.calls)
+    assert "torch===2.13.0" in Path(pip.calls[0][1]).read_text() and "--editable" in pip.calls[1]
+    assert stamped(app, "default") and not stamped(app, "cpu")
+    # Next start: still unreachable, so nothing to do; once it answers, the CPU build replaces the standard one.
+    assert not install(app, pip, variant="cpu", probe=unreachable) and len(pip.calls) == 2
+    out = capsys.readouterr().out
+    assert "could not be reached" in out and "keeping the standard build instead" in out and "up to date" in out
+    assert install(app, pip, variant="cpu", probe=reachable) and is_index(pip.calls[2]) and stamped(app, "cpu")
+
+
+def test_a_failed_install_from_the_cpu_index_falls_back_too(app, capsys):
+    pip = FakePip(fail=is_index)
+    assert install(app, pip, variant="cpu", probe=reachable)
+    assert "PyTorch's CPU index could not provide PyTorch" in capsys.readouterr().out
+    assert is_index(pip.calls[0]) and "torch===2.13.0" in Path(pip.calls[1][1]).read_text()
+    assert stamped(app, "default")
+
+
+def test_a_cpu_build_asked_for_by_name_does_not_fall_back(app):
+    with pytest.raises(bootstrap.BootstrapError, match="could not be reached .*--torch default"):
+        install(app, FakePip(), variant="cpu", probe=unreachable, asked=True)
+    with pytest.raises(bootstrap.BootstrapError, match="installing PyTorch failed"):
+        install(app, FakePip(fail=is_index), variant="cpu", probe=reachable, asked=True)
+    assert not (app / "venv" / bootstrap.STAMP_NAME).exists()
+
+
+@pytest.mark.parametrize("system, variant", [("Linux", "cuda"), ("Darwin", "default"), ("Windows", "cpu")])
+def test_builds_from_pypi_do_not_probe_pytorchs_index(app, system, variant):
+    pip = FakePip()
+    assert install(app, pip, system=system, variant=variant, probe=must_not_run)
+    assert not any(is_index(args) for args in pip.calls) and stamped(app, variant)
+
+
+def test_unreachable_cuda_index_on_windows_falls_back_to_the_cpu_only_standard_build(app, capsys):
+    pip = FakePip()
+    assert install(app, pip, system="Windows", variant="cuda", probe=unreachable) and stamped(app, "default")
+    assert "PyTorch's CUDA index could not be reached" in capsys.readouterr().out
+
+
+class Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/whl/cpu/torch/" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def index_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_index_probe_asks_for_the_torch_page(index_server):
+    assert torch_choice.index_problem(f"{index_server}/whl/cpu", timeout=5) is None
+    assert torch_choice.index_problem(f"{index_server}/whl/nothing", timeout=5) == "HTTP 404"
+
+
+def test_index_probe_says_why_it_failed_and_never_waits_much_longer_than_its_timeout():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    assert "refused" in torch_choice.index_problem(f"http://127.0.0.1:{closed}/whl/cpu", timeout=5).lower()
+
+    def dns_failure(url, timeout):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    assert "name resolution" in torch_choice.index_problem(CPU_INDEX, opener=dns_failure)
+    release = threading.Event()
+    try:  # a name lookup that hangs, which urlopen's own timeout does not cover
+        def hangs(url, timeout):
+            release.wait(30)
+            raise OSError("too late")
+
+        assert torch_choice.index_problem(CPU_INDEX, timeout=0.1, opener=hangs) == "no answer within 0.1 s"
+    finally:
+        release.set()
+
+
+def test_the_apertis_command_line_note_says_where_it_is(tmp_path):
+    assert bootstrap.command_line_note(tmp_path, "Linux") is None
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "apertis").write_text("#!/bin/sh\n")
+    assert "source .venv/bin/activate" in bootstrap.command_line_note(tmp_path, "Linux")
+    assert bootstrap.command_line_note(tmp_path, "Windows") is None
+    (tmp_path / "Scripts").mkdir()
+    (tmp_path / "Scripts" / "apertis.exe").write_bytes(b"MZ")
+    assert ".venv\\Scripts\\activate" in bootstrap.command_line_note(tmp_path, "Windows")
+
+
+@pytest.mark.parametrize("argv, asked", [(["--no-browser"], False), (["--torch", "cpu", "--no-browser"], True)])
+def test_main_prints_the_build_and_why_then_where_the_apertis_command_is(tmp_path, monkeypatch, capsys, argv, asked):
+    installs = []
+
+    def ensure(venv_dir, app_dir, variant, system, asked):
+        installs.append((variant, asked))
+        (venv_dir / "bin").mkdir()
+        (venv_dir / "bin" / "apertis").write_text("#!/bin/sh\n")
+
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(bootstrap.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(torch_choice, "nvidia_gpu_present", lambda: False)
+    monkeypatch.setattr(bootstrap, "ensure_requirements", ensure)
+    monkeypatch.setattr(bootstrap, "run_studio", lambda *args: 0)
+    monkeypatch.delenv("APERTIS_TORCH", raising=False)
+    assert bootstrap.main(argv) == 0
+    out = capsys.readouterr().out
+    assert installs == [("cpu", asked)] and "PyTorch build: cpu (" in out
+    assert "The `apertis` command line is in .venv/bin" in out
+
+
+@pytest.mark.parametrize("code, says", [
+    (143, "ended by signal 15 from outside"),  # killed by something else: nothing above explains it
+    (2, "exit code 2; its messages above say why"),
+    (0, None),
+])
+def test_main_explains_how_the_studio_ended(tmp_path, monkeypatch, capsys, code, says):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(bootstrap, "ensure_requirements", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bootstrap, "run_studio", lambda *args: code)
+    assert bootstrap.main(["--no-browser", "--torch", "default"]) == code
+    err = capsys.readouterr().err
+    assert (says in err) if says else err == ""
 
 
 @pytest.mark.parametrize("line, expected", [

@@ -1,6 +1,6 @@
 """The launcher scripts: shellcheck, start.bat's structure, and start.sh run for real in a folder with a space."""
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -18,9 +18,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
-SPEC = importlib.util.spec_from_file_location("bootstrap", LAUNCHERS / "bootstrap.py")
-bootstrap = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bootstrap)
+if str(LAUNCHERS) not in sys.path:  # bootstrap.py imports torch_choice beside it, as when run as a script
+    sys.path.insert(0, str(LAUNCHERS))
+bootstrap = importlib.import_module("bootstrap")
 
 FAKE_STUDIO = '''"""Stands in for the studio: records how it was started and serves one page on the asked port."""
 import http.server, json, os, sys
@@ -35,11 +35,49 @@ class Page(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"fake studio")
 server = http.server.HTTPServer(("127.0.0.1", port), Page)
-print(f"* Running on local URL:  http://127.0.0.1:{port}", flush=True)
+print(f"Apertis Studio is running at http://127.0.0.1:{port}/ (fake). Press Ctrl+C to quit.", flush=True)
 try:
     server.serve_forever()
 except KeyboardInterrupt:
     print("studio closed", flush=True)
+'''
+
+# The app's pyproject.toml, for `pip install --editable`: a build backend in the app folder itself, so the install
+# needs no download (setuptools would), and a fake `apertis` command.
+FAKE_PROJECT = """[build-system]
+requires = []
+build-backend = "fake_backend"
+backend-path = ["."]
+
+[project]
+name = "fake-app"
+version = "0"
+"""
+FAKE_BACKEND = r'''"A PEP 517/660 backend: a wheel that puts the app folder on sys.path and has an `apertis` script."
+import base64, hashlib, os, zipfile
+INFO = "fake_app-0.dist-info/"
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    files = {"fake_app.pth": os.path.abspath(".") + "\n",
+             INFO + "METADATA": "Metadata-Version: 2.1\nName: fake-app\nVersion: 0\n",
+             INFO + "WHEEL": "Wheel-Version: 1.0\nGenerator: fake\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+             INFO + "entry_points.txt": "[console_scripts]\napertis = fake_cli:main\n"}
+    name = "fake_app-0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
+        record = [INFO + "RECORD,,"]
+        for path, text in files.items():
+            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+            record.append(f"{path},sha256={digest},{len(text.encode())}")
+            wheel.writestr(path, text)
+        wheel.writestr(INFO + "RECORD", "\n".join(record) + "\n")
+    return name
+build_editable = build_wheel
+def build_sdist(sdist_directory, config_settings=None):
+    raise NotImplementedError
+'''
+FAKE_CLI = '''import sys
+def main():
+    print("fake apertis", *sys.argv[1:])
+    return 0
 '''
 
 
@@ -78,7 +116,7 @@ def serve_then_ctrl_c(proc: subprocess.Popen, port: int, timeout: float) -> tupl
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
         status = page_status(port)
-        if status == 200 and any("Apertis Studio is ready at" in line for line in lines):
+        if status == 200 and any("Apertis Studio is running at" in line for line in lines):
             break
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -94,7 +132,7 @@ def serve_then_ctrl_c(proc: subprocess.Popen, port: int, timeout: float) -> tupl
 
 def copy_launchers(app: Path) -> None:
     (app / "launchers").mkdir(parents=True)
-    for name in ("start.sh", "start.command", "bootstrap.py"):
+    for name in ("start.sh", "start.command", "bootstrap.py", "torch_choice.py"):
         shutil.copy2(LAUNCHERS / name, app / "launchers" / name)
 
 
@@ -141,6 +179,9 @@ def test_start_sh_creates_the_venv_once_and_hands_arguments_to_the_studio(tmp_pa
     app = tmp_path / "folder with space" / "Apertis Studio"
     copy_launchers(app)
     (app / "requirements.txt").write_text("# nothing to install: this test checks the launch path only\n")
+    (app / "pyproject.toml").write_text(FAKE_PROJECT)
+    (app / "fake_backend.py").write_text(FAKE_BACKEND)
+    (app / "fake_cli.py").write_text(FAKE_CLI)
     (app / "studio").mkdir()
     (app / "studio" / "__main__.py").write_text(FAKE_STUDIO)
     port = free_port()
@@ -148,15 +189,20 @@ def test_start_sh_creates_the_venv_once_and_hands_arguments_to_the_studio(tmp_pa
     status, code, out = serve_then_ctrl_c(start(app, args, {"APERTIS_PYTHON": sys.executable}), port, 120)
     assert status == 200 and code == 0, out
     assert "Creating the virtual environment" in out and "Installing the requirements" in out
-    assert f"ready at http://127.0.0.1:{port}" in out and "studio closed" in out
+    assert out.count(f"http://127.0.0.1:{port}") == 1 and "studio closed" in out  # one ready line, the studio's
     started = json.loads((app / "studio-started.json").read_text())
-    assert started["argv"] == ["--no-browser", "--no-browser", "--port", str(port), "--workspace", "a b"]
+    assert started["argv"] == ["--no-browser", "--port", str(port), "--workspace", "a b"]
     assert Path(started["cwd"]) == app and Path(started["prefix"]) == app / ".venv"
     assert started["path"] is None and started["nousersite"] == "1"
+    assert "The `apertis` command line is in .venv/bin" in out
+    apertis = [str(app / ".venv" / "bin" / "apertis"), "--help"]
+    done = subprocess.run(apertis, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "fake apertis --help\n", done.stdout + done.stderr
 
     status, code, out = serve_then_ctrl_c(start(app, args), port, 60)
     assert status == 200 and code == 0, out
     assert "Creating the virtual environment" not in out and "Requirements up to date" in out
+    assert "The `apertis` command line is in .venv/bin" in out
 
 
 @pytest.mark.slow
@@ -174,6 +220,12 @@ def test_fresh_copy_installs_serves_the_studio_and_restarts_without_reinstalling
     status, code, out = serve_then_ctrl_c(start(app, args), port, 3000)
     assert status == 200, out[-5000:]
     assert "Installing the requirements" in out and code in (0, 130), out[-5000:]
+    if "PyTorch's CPU index could not be reached" in out:  # offline from PyTorch's index, as on the dev machine
+        assert "installing the standard build instead" in out and "torch build: default" in out, out[-5000:]
+    assert "The `apertis` command line is in .venv/bin" in out, out[-5000:]
+    done = subprocess.run([str(app / ".venv" / "bin" / "apertis"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": "/nowhere/leaking"}, timeout=300)
+    assert done.returncode == 0 and "train" in done.stdout and "generate" in done.stdout, done.stdout + done.stderr
 
     status, code, out = serve_then_ctrl_c(start(app, args), port, 300)
     assert status == 200 and "Requirements up to date" in out, out[-5000:]
