@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -125,9 +126,15 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
 
 # ---- bundles ----------------------------------------------------------------------------------------
 def save_bundle(
-    directory: str | Path, model: nn.Module, tokenizer: Tokenizer, card: dict[str, Any] | None = None
+    directory: str | Path,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    card: dict[str, Any] | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Write a self-contained model folder; `card` adds run facts (steps, train_loss, val_loss, data...)."""
+    """Write a self-contained model folder; `card` adds run facts (steps, train_loss, val_loss, data...).
+
+    The card is titled `title`, by default the folder's name (see card_title)."""
     module = unwrap_model(model)
     config: ModelConfig = module.config
     if tokenizer.vocab_size != config.vocab_size:
@@ -136,7 +143,7 @@ def save_bundle(
         )
     with atomic_directory(directory) as tmp:
         write_model_files(tmp, module, tokenizer)
-        atomic_write_text(tmp / "README.md", model_card(module, Path(directory).name, card or {}))
+        atomic_write_text(tmp / "README.md", model_card(module, title or card_title(directory), card or {}))
     return Path(directory)
 
 
@@ -192,6 +199,27 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tu
     return model.to(device).eval(), tokenizer
 
 
+# ---- model cards ------------------------------------------------------------------------------------
+FINAL_DIR = "final"  # the trainer's finished bundle inside a run folder
+_ABSOLUTE_PATH = re.compile(r"^(/|~[\\/]|\\\\|[A-Za-z]:[\\/])")  # POSIX, home, Windows share or drive
+
+
+def card_title(directory: str | Path) -> str:
+    """What a bundle's card is titled: the folder's name, or for a run's final/ bundle the run folder's
+    (a card called "final" says nothing about which model it is)."""
+    path = Path(directory)
+    if path.name == FINAL_DIR:
+        path = path.absolute().parent
+    return path.name
+
+
+def path_name(path: str | Path) -> str:
+    """The last part of a path, as a card names a dataset: a card travels with the model, and the folders
+    it was made in (a user name, a home folder) are nobody else's business."""
+    parts = [part for part in re.split(r"[\\/]", str(path)) if part]
+    return parts[-1] if parts else str(path)
+
+
 def model_card(model: ApertisModel, name: str, card: dict[str, Any]) -> str:
     """README.md text: what the model is, how big, what it was trained on and how far."""
     cfg = model.config
@@ -202,16 +230,27 @@ def model_card(model: ApertisModel, name: str, card: dict[str, Any]) -> str:
         "layers x width": f"{cfg.n_layers} x {cfg.d_model} (pattern {cfg.layer_pattern}, {cfg.n_experts} routed experts)",
         "vocabulary": f"{cfg.vocab_size} tokens",
         "images": cfg.image_encoder,
-        **{key.replace("_", " "): _format(value) for key, value in card.items()},
+        **_card_rows(card),
         "date": datetime.date.today().isoformat(),
     }
     rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())
     return (
-        f"# {name}\n\nA small language model built and trained with Apertis Studio.\n\n"
+        f"# {_format(name)}\n\nA small language model built and trained with Apertis Studio.\n\n"
         f"| | |\n|---|---|\n{rows}\n\n"
         "Files: `model.safetensors` (weights), `config.json` (architecture), `tokenizer.json` (HF tokenizers).\n"
         "Load with `apertis_core.load_bundle(folder)`, or chat with `apertis chat --model FOLDER`.\n"
     )
+
+
+def _card_rows(card: dict[str, Any]) -> dict[str, str]:
+    """The run facts as table rows; the data summary's path becomes a "dataset" row with its name only."""
+    rows = {}
+    for key, value in card.items():
+        if isinstance(value, dict) and "path" in value:
+            rows["dataset"] = _format(path_name(value["path"]))
+            value = {k: v for k, v in value.items() if k != "path"}
+        rows[key.replace("_", " ")] = _format(value)
+    return rows
 
 
 def _format(value: Any) -> str:
@@ -219,4 +258,7 @@ def _format(value: Any) -> str:
         return f"{value:.4f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_format(v)}" for k, v in value.items())
-    return str(value).replace("|", "/").replace("\n", " ")
+    text = str(value)
+    if _ABSOLUTE_PATH.match(text):  # whatever put it there, a card never shows where files were on disk
+        text = path_name(text)
+    return text.replace("|", "/").replace("\n", " ")

@@ -128,3 +128,17 @@ def test_atomic_directory_replaces_an_existing_folder(tmp_path):
         assert (tmp_path / "d" / "old.txt").exists()  # nothing changes until the body succeeds
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_card_is_titled_by_run_and_names_data_without_paths(tmp_path, tokenizer):
+    """A run's final/ bundle is titled with the run folder's name; the card names its dataset by file name
+    and shows no absolute path, whatever the facts it was given."""
+    data = tmp_path / "home" / "someone" / "stories" / "train.jsonl"
+    card = {"steps": 7, "data": {"path": str(data), "records": 3}, "exported from": str(tmp_path / "runs" / "x")}
+    save_bundle(tmp_path / "runs" / "my-run" / "final", model_for(tokenizer), tokenizer, card)
+    text = (tmp_path / "runs" / "my-run" / "final" / "README.md").read_text()
+    assert text.startswith("# my-run\n") and "| dataset | train.jsonl |" in text and "| data | records: 3 |" in text
+    assert "| exported from | x |" in text and str(tmp_path) not in text and "someone" not in text
+    save_bundle(tmp_path / "b", model_for(tokenizer), tokenizer, {"data": {"path": "C:\\Users\\me\\d.txt"}}, title="mine")
+    text = (tmp_path / "b" / "README.md").read_text()
+    assert text.startswith("# mine\n") and "| dataset | d.txt |" in text and "Users" not in text

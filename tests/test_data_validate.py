@@ -138,7 +138,7 @@ def test_report_counts_characters_tokens_images_and_lengths(tmp_path):
     report = validate_dataset(tmp_path, tokenizer=Tokenizer.byte_level())
     s = report.stats
     assert report.ok and report.records == 4
-    assert s["kinds"] == {"text": 3, "chat": 1}
+    assert s["kinds"] == {"text": 2, "image+caption": 1, "chat": 1}
     assert s["characters"] == 3 + 10 + 4 + 7 and s["images"] == 1
     # byte-level: text + <|eot|>; caption: <image> \n text <|eot|>; chat: per turn tag + content + <|eot|>
     assert s["tokens"] == (3 + 1) + (10 + 1) + (1 + 1 + 4 + 1) + (2 + 2 + 5 + 2)
@@ -147,7 +147,7 @@ def test_report_counts_characters_tokens_images_and_lengths(tmp_path):
     histogram = s["length"]["histogram"]
     assert histogram[0]["from"] == 4 and histogram[-1]["to"] > 11 and histogram[-1]["count"] == 2  # 11 and 11
     text = report.to_text()
-    assert "records: 4 (1 chat, 3 text), skipped: 0" in text and "tokens: 33" in text and "OK" in text
+    assert "records: 4 (1 chat, 1 image+caption, 2 text), skipped: 0" in text and "tokens: 33" in text and "OK" in text
     assert validate_dataset(tmp_path).stats["length"]["unit"] == "characters"
 
 
@@ -159,3 +159,14 @@ def test_problem_list_can_be_capped_and_says_how_many_more(tmp_path):
     capped = report.to_text(max_problems=3)
     assert capped.count(f"{path}:") == 3 and "... and 4 more" in capped
     assert report.to_text().count(f"{path}:") == 7 and "more" not in report.to_text()
+
+
+def test_dataset_metadata_is_skipped_but_a_stray_json_is_reported(tmp_path):
+    """The summary.json the demo sets write beside their data is not data; any other .json may be meant as data."""
+    (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    (tmp_path / "summary.json").write_text('{"records": {"train": 1}}', encoding="utf-8")
+    assert validate_dataset(tmp_path).problems == []
+    (tmp_path / "extra.json").write_text("{}", encoding="utf-8")
+    problems = validate_dataset(tmp_path).problems
+    assert [(Path(p.file).name, p.field) for p in problems] == [("extra.json", "file")]
+    assert ".jsonl" in problems[0].hint

@@ -72,8 +72,11 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     summary = generate_shapes(args.out, n=args.n, seed=args.seed, conversations=args.conversations)
     scenes, records = summary["scenes"], summary["records"]
+    out = summary["out_dir"]
     print(
         f"wrote {scenes['train']} training and {scenes['test']} held-out scenes "
-        f"({records['train']} train / {records['test']} test records) to {summary['out_dir']}"
+        f"({records['train']} train / {records['test']} test records) to {out}\n"
+        f"train on {out}/train.jsonl (set data.path to it); test.jsonl holds the held-out questions, "
+        "summary.json describes the set"
     )
     return 0

@@ -10,6 +10,15 @@ from typing import Literal
 
 from ..tokenizer import IMAGE_TOKEN, ROLES
 
+# (kind, has images) -> the name shown to people: the stored kind says how a record is encoded, which
+# lumps a captioned image in with plain text; people think of the layout they wrote.
+KIND_LABELS = {
+    ("text", False): "text",
+    ("text", True): "image+caption",
+    ("chat", False): "chat",
+    ("chat", True): "image chat",
+}
+
 
 @dataclass
 class Record:
@@ -21,6 +30,11 @@ class Record:
     images: list[Path] = field(default_factory=list)  # files on disk, in <image> placeholder order
     source: str = ""  # file the record came from, as shown to the user
     line: int = 0  # 1-based line in `source` (0 = the whole file)
+
+    @property
+    def kind_label(self) -> str:
+        """What the record is, as reports and previews name it: text, chat, image+caption or image chat."""
+        return KIND_LABELS[self.kind, bool(self.images)]
 
     def texts(self) -> list[str]:
         """The human-written strings in this record (no template, no placeholders)."""

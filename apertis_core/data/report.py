@@ -66,13 +66,14 @@ class ValidationReport:
 
 
 def dataset_stats(records: Sequence[Record], tokenizer=None) -> dict:
-    """records, kinds, characters, images; with a tokenizer also tokens (template and <|eot|> included,
-    as trained; an image counts as its one <image> placeholder, since its patch count depends on the
-    model); `length` describes per-record lengths in tokens when known, else in characters."""
+    """records, kinds (counted by Record.kind_label), characters, images; with a tokenizer also tokens
+    (template and <|eot|> included, as trained; an image counts as its one <image> placeholder, since its
+    patch count depends on the model); `length` describes per-record lengths in tokens when known, else
+    in characters."""
     chars = [r.characters for r in records]
     stats = {
         "records": len(records),
-        "kinds": dict(Counter(r.kind for r in records)),
+        "kinds": dict(Counter(r.kind_label for r in records)),
         "characters": sum(chars),
         "images": sum(len(r.images) for r in records),
     }

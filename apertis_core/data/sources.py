@@ -12,6 +12,11 @@ from .records import Problem, Record
 from .report import ValidationReport
 
 _JUNK = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})  # OS litter inside folders and zips, never data
+# Files that describe a dataset rather than hold records, skipped without a problem: the summary.json the
+# demo sets write beside their data. Only exact names, so a stray data.json is still reported (a person may
+# have meant it as data).
+SUMMARY_FILE = "summary.json"
+METADATA_FILES = frozenset({SUMMARY_FILE})
 SUPPORTED = ".txt, .md, .jsonl, .csv, images with a same-name .txt caption, or a .zip of these"
 
 
@@ -101,12 +106,13 @@ def _read_folder(folder: Path, shown_as: str) -> list[Item]:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    """Relative paths of the files under `folder`, skipping hidden and OS files; symlinked folders are not followed."""
+    """Relative paths of the data files under `folder`, skipping hidden, OS and metadata files; symlinked
+    folders are not followed."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in _JUNK]
         rel_dir = Path(dirpath).relative_to(folder)
-        found += [rel_dir / f for f in filenames if not f.startswith(".") and f not in _JUNK]
+        found += [rel_dir / f for f in filenames if not f.startswith(".") and f not in _JUNK | METADATA_FILES]
     return sorted(found)
 
 

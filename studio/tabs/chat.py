@@ -3,11 +3,14 @@
 The handler is a generator that yields the whole conversation each time a token arrives (Gradio's
 messages format), so the browser shows the reply growing and Stop simply cancels the generator.
 Loaded models are kept in a small per-app cache so a conversation does not reload weights every turn.
+Messages are shown as the plain text they are (PlainTextChatbot): a small model's output is not Markdown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +21,7 @@ from typing import Any
 
 import gradio as gr
 
+LOADED_MODEL = "chat.loaded_model"  # the model last sent here by the Models tab's "Load into Chat"
 SAMPLING = [  # (label, default, minimum, maximum, step)
     ("Temperature", 0.8, 0.0, 2.0, 0.05), ("Top-k", 50, 0, 200, 1), ("Top-p", 0.95, 0.05, 1.0, 0.01),
     ("Max new tokens", 128, 1, 1024, 1), ("Repetition penalty", 1.1, 1.0, 2.0, 0.01),
@@ -46,13 +50,106 @@ class ModelCache:
             return self._items[key]
 
 
+# Gradio's Chatbot puts a message into the page as HTML even with Markdown off, so "<b>" would turn bold
+# and "a<b" would lose its tail. The characters that could start a tag or an entity go as entities that
+# show as themselves; nothing else changes (a reply's own text is rarely touched, so the copy button and
+# API clients mostly get it as written). The mapping is one to one, so the text comes back unchanged.
+_TO_HTML = re.compile(r"&(?=[#A-Za-z0-9])|<(?=[A-Za-z/!?])")
+_FROM_HTML = re.compile(r"&(amp|lt);")
+_ENTITY_TEXT = {"amp": "&", "lt": "<"}
+_ENTITY_OF = {"&": "&amp;", "<": "&lt;"}
+PLAIN_TEXT_CLASS = "apertis-plain-text"
+# Gradio shows a message without Markdown with white-space: pre-line, which drops leading and repeated
+# spaces: an indented line would lose its indent. pre-wrap keeps every space, tab and line break.
+PLAIN_TEXT_CSS = f"<style>.{PLAIN_TEXT_CLASS} .message-markdown-disabled {{ white-space: pre-wrap !important; }}</style>"
+
+
+def to_display(text: str) -> str:
+    """`text` as the chat pane must receive it to show it exactly (nothing read as HTML)."""
+    return _TO_HTML.sub(lambda match: _ENTITY_OF[match.group()], text)
+
+
+def from_display(text: str) -> str:
+    """The inverse of to_display: the text a message shown in the chat pane holds."""
+    return _FROM_HTML.sub(lambda match: _ENTITY_TEXT[match.group(1)], text)
+
+
+def _map_text(content: Any, convert) -> Any:
+    """A message's content with every piece of text passed through `convert` (files are left alone)."""
+    if isinstance(content, str):
+        return {"type": "text", "text": convert(content)}  # a dict: Gradio would dedent a plain string
+    if isinstance(content, dict) and content.get("type") == "text":
+        return {**content, "text": convert(str(content.get("text", "")))}
+    if isinstance(content, list):
+        return [_map_text(part, convert) for part in content]
+    return content
+
+
+@contextlib.contextmanager
+def _without_type_stub():
+    """Gradio writes a .pyi type stub beside the module that defines a Component subclass, made from that
+    module's source: a stray, soon stale file in the source tree, and an import error where there is no
+    source (the desktop app). The stub is only for type checkers, so its writer is off while a class is made."""
+    from gradio import component_meta
+
+    write_stub = component_meta.create_or_modify_pyi
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        component_meta.create_or_modify_pyi = write_stub
+
+
+# A subclass rather than a wrapped instance: Gradio re-creates a component from its class when a handler
+# updates its properties (visible=...), and the copy must still escape.
+with _without_type_stub():
+
+    class PlainTextChatbot(gr.Chatbot):
+        """A Chatbot that shows every message as the plain text it is: no Markdown (an indented line of a
+        reply is not a code block), no LaTeX, no HTML; spaces and line breaks as written (with
+        plain_text_style on the page). Handlers get the text exactly as written (see to_display)."""
+
+        is_template = True  # drawn by Gradio's own Chatbot front end
+
+        def postprocess(self, value):
+            messages = [{**m, "content": _map_text(m["content"], to_display)} if isinstance(m, dict) else m
+                        for m in value or []]
+            return super().postprocess(messages)
+
+        def preprocess(self, payload):
+            return [{**m, "content": _map_text(m["content"], from_display)} for m in super().preprocess(payload)]
+
+
+def plain_chatbot(**kwargs) -> PlainTextChatbot:
+    return PlainTextChatbot(render_markdown=False, latex_delimiters=[], elem_classes=[PLAIN_TEXT_CLASS], **kwargs)
+
+
+def plain_text_style() -> gr.HTML:
+    """An empty element that adds PLAIN_TEXT_CSS to the page's <head> (Gradio's way for a tab to bring CSS)."""
+    return gr.HTML(head=PLAIN_TEXT_CSS, container=False, padding=False)
+
+
 def model_choices(services) -> list[tuple[str, str]]:
-    return [(f"{m['name']} · {m['kind']}", m["id"]) for m in services.store.list_models()]
+    """The models as the Models tab lists them (checkpoints folded away), plus the one last loaded from the
+    Models tab when the list lacks it (a checkpoint), so a refresh never drops the model being talked to."""
+    from .models import listed_models, model_label
+
+    choices = [(model_label(row), row["id"]) for row, _ in listed_models(services)]
+    loaded = services.store.get_setting(LOADED_MODEL)
+    row = services.store.get_model(loaded) if loaded and loaded not in {model_id for _, model_id in choices} else None
+    return choices + [(model_label(row), row["id"])] if row else choices
 
 
 def select_model(services, model_id: str | None):
-    """Models tab -> Chat: pick the model and switch to the Chat tab."""
+    """Models tab -> Chat: pick the model (a checkpoint too) and switch to the Chat tab."""
+    if model_id:
+        services.store.set_setting(LOADED_MODEL, model_id)
     return gr.Dropdown(choices=model_choices(services), value=model_id), gr.Tabs(selected="chat")
+
+
+def show_second_model(enabled: bool) -> tuple[Any, Any, Any]:
+    """The second model's picker, conversation and speed line are shown only while side by side is on."""
+    return gr.Dropdown(visible=enabled), gr.Chatbot(visible=enabled), gr.Markdown(visible=enabled)
 
 
 def _parts(content: Any) -> tuple[str, list[str]]:
@@ -121,16 +218,19 @@ def chat(services, message, history, model_id, system, temperature, top_k, top_p
     for token in generate(model, ids, config, images=images or None):
         count += 1
         first = first or time.perf_counter() - start
+        # The decoder holds back the bytes of a character split across tokens: no "�" mid-stream.
         reply["content"] += decoder.push(token)
-        yield history, _speed(count, first, time.perf_counter() - start)
+        yield history, speed_line(row["name"], count, first, time.perf_counter() - start)
     reply["content"] += decoder.flush()
-    yield history, _speed(count, first, time.perf_counter() - start)
+    yield history, speed_line(row["name"], count, first, time.perf_counter() - start)
 
 
-def _speed(count: int, first: float | None, elapsed: float) -> str:
+def speed_line(name: str, count: int, first: float | None, elapsed: float) -> str:
+    """One line under a conversation, naming its model (side by side there are two)."""
     if not count:
-        return "The model ended its reply at once (no tokens)."
-    return f"{count} tokens · {count / max(elapsed, 1e-9):.1f} tokens/s · first token after {first:.2f} s"
+        return f"{name}: ended its reply at once (no tokens)."
+    tokens = "1 token" if count == 1 else f"{count} tokens"
+    return f"{name}: {tokens} · {count / max(elapsed, 1e-9):.1f} tokens/s · first token after {first:.2f} s"
 
 
 def chat_compare(services, enabled, message, history, model_id, *settings) -> Iterator[tuple]:
@@ -160,33 +260,40 @@ def load_conversation(path: str | None) -> tuple[Any, Any, str]:
 
 def build(services) -> dict[str, Any]:
     choices = model_choices(services)
+    ids = [model_id for _, model_id in choices]
     with gr.Row():
-        model = gr.Dropdown(label="Model", choices=choices, value=choices[0][1] if choices else None, scale=3,
+        model = gr.Dropdown(label="Model", choices=choices, value=ids[0] if ids else None, scale=3,
                             allow_custom_value=True)
-        compare = gr.Checkbox(label="Side by side", value=False)
-        model_b = gr.Dropdown(label="Second model", choices=choices, scale=3)
+        compare = gr.Checkbox(label="Side by side", value=False, info="answer with a second model too")
+        # A different model by default: comparing a model with itself is rarely what was meant.
+        model_b = gr.Dropdown(label="Second model", choices=choices, value=ids[1] if len(ids) > 1 else None, scale=3,
+                              allow_custom_value=True, visible=False)
     system = gr.Textbox(label="System prompt", placeholder="optional, e.g. You answer in one word.")
     with gr.Row():
-        chatbot = gr.Chatbot(label="Chat", height=420)
-        chatbot_b = gr.Chatbot(label="Second model", height=420)
-    box = gr.MultimodalTextbox(placeholder="Ask something; attach an image with the clip", file_types=["image"], stop_btn=True)
-    speed, speed_b = gr.Markdown(), gr.Markdown()
+        chatbot = plain_chatbot(label="Conversation", height=420)
+        chatbot_b = plain_chatbot(label="Second model's conversation", height=420, visible=False)
+    box = gr.MultimodalTextbox(label="Your message", placeholder="Ask something; attach an image with the clip",
+                               file_types=["image"], stop_btn=True)
+    with gr.Row():
+        speed, speed_b = gr.Markdown(), gr.Markdown(visible=False)
     with gr.Accordion("Sampling", open=False), gr.Row():
         sampling = [gr.Slider(lo, hi, value=v, step=s, label=label) for label, v, lo, hi, s in SAMPLING]
     with gr.Row():
         clear, save = gr.Button("Clear"), gr.Button("Save conversation")
         saved, load = gr.File(label="Saved", interactive=False), gr.File(label="Load a conversation", file_types=[".json"])
     note = gr.Markdown()
+    plain_text_style()  # last: the empty element it needs then leaves no gap between the parts above
     first = box.submit(partial(chat, services), [box, chatbot, model, system, *sampling], [chatbot, speed], api_name="chat")
     second = box.submit(partial(chat_compare, services), [compare, box, chatbot_b, model_b, system, *sampling],
                         [chatbot_b, speed_b], api_visibility="private")
     box.submit(lambda: gr.MultimodalTextbox(value=None), None, box, api_visibility="private", queue=False)
     box.stop(None, None, None, cancels=[first, second])
+    compare.change(show_second_model, compare, [model_b, chatbot_b, speed_b], api_visibility="private", queue=False)
     clear.click(lambda: ([], [], "", ""), None, [chatbot, chatbot_b, speed, speed_b], api_visibility="private")
     save.click(partial(save_conversation, services), [chatbot, system], saved, api_visibility="private")
     load.upload(load_conversation, load, [chatbot, system, note], api_visibility="private")
 
-    def refresh():
+    def refresh():  # keeps both picks
         options = model_choices(services)
         return gr.Dropdown(choices=options), gr.Dropdown(choices=options)
 

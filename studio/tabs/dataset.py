@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,45 @@ from ..store import new_id
 PREVIEW_ROWS = 20
 GALLERY_IMAGES = 12
 DEMO_SHAPES_SCENES = 400  # enough for a few minutes of CPU training, written in about a second
+
+HELP = ("Add what your model should learn from (files, a folder, a .zip or demo data), then train on it in the Train "
+        "tab. Each dataset is checked as it is added: the report lists every problem with its file and line.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay out training data, as the upload box lists it."""
+
+    name: str
+    files: str  # which files to give
+    example: str  # shown as code; for .jsonl a real line (the tests read each one back)
+    note: str  # what else to know, in a few words (Markdown)
+    kind: str  # the kind apertis_core's reader gives its records ("" for a zip: whatever it holds)
+
+
+_CHAT = '[{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A cat."}]'
+# Every layout apertis_core's data readers accept (apertis_core/data/formats.py); written out here because
+# the page is built without importing apertis_core (it brings torch). Tests check each against the readers.
+LAYOUTS = (
+    Layout("Plain text", ".txt .md", "Once upon a time...", "each file is one document", "text"),
+    Layout("Text records", ".jsonl", '{"text": "Once upon a time..."}', "one JSON object per line", "text"),
+    Layout("Chat", ".jsonl", f'{{"messages": {_CHAT}}}', "roles: system, user, assistant", "chat"),
+    Layout("Image + caption", ".jsonl", '{"image": "cat.png", "caption": "A cat on a mat."}',
+           '"text" works as well as "caption"; image paths are relative to the .jsonl file', "image+caption"),
+    Layout("Image + messages", ".jsonl", f'{{"image": "cat.png", "messages": {_CHAT}}}',
+           "the picture goes where a user turn says `<image>`, else before the first", "image chat"),
+    Layout("Image folder", "images + .txt", "cat.png + cat.txt", "each image with its caption in a .txt of the same name",
+           "image+caption"),
+    Layout("Table", ".csv", "A cat on a mat.,cat.png", "under a header row `text,image`; the image column is optional",
+           "image+caption"),
+    Layout("Zip", ".zip", "my-data.zip", "any of these zipped, folders kept; upload it on its own", ""),
+)  # fmt: skip
+
+
+def layouts_markdown() -> str:
+    """The upload box's list of accepted layouts, one line and one example each."""
+    lines = [f"- **{layout.name}** ({layout.files}): `{layout.example}` — {layout.note}" for layout in LAYOUTS]
+    return "**What you can add**\n" + "\n".join(lines)
 
 
 def dataset_choices(services) -> list[tuple[str, str]]:
@@ -127,7 +167,7 @@ def inspect_dataset(services, dataset_id: str | None) -> tuple[str, list[list[An
     preview, gallery = [], []
     for record in records[:PREVIEW_ROWS]:
         text = " | ".join(record.texts())
-        preview.append([f"{record.source}:{record.line}", record.kind, text[:300]])
+        preview.append([f"{record.source}:{record.line}", record.kind_label, text[:300]])
     for record in (r for r in records if r.images):
         gallery += [(str(image), " ".join(record.texts())[:120]) for image in record.images]
         if len(gallery) >= GALLERY_IMAGES:
@@ -155,9 +195,11 @@ def train_tokenizer(services, dataset_id: str | None, vocab_size: float) -> str:
 
 
 def build(services) -> dict[str, Any]:
+    gr.Markdown(HELP)
     with gr.Row():
         with gr.Column(scale=2):
-            files = gr.File(label="Files or one .zip (.txt .md .jsonl .csv, images with .txt captions)", file_count="multiple")
+            files = gr.File(label="Files or one .zip (.txt .md .jsonl .csv, images)", file_count="multiple")
+            gr.Markdown(layouts_markdown())
             folder = gr.File(label="…or a whole folder", file_count="directory")
             name = gr.Textbox(label="Name", placeholder="my-data")
             add = gr.Button("Add dataset", variant="primary")

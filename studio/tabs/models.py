@@ -1,5 +1,6 @@
-"""Models tab: every bundle and checkpoint with its model card; load into Chat, export as a zip, import a
-bundle zip, and delete (with a confirmation step).
+"""Models tab: the trained, imported and demo models with their cards; load one into Chat, export it as a
+zip, import a bundle zip, delete (with a confirmation step). A run's checkpoints are listed under it on
+request: a newcomer wants the models, not every snapshot the trainer kept.
 
 Checkpoints are found in the run folders each time the list is drawn and registered, so the registry
 always matches the disk (the trainer prunes old checkpoints on its own).
@@ -7,6 +8,8 @@ always matches the disk (the trainer prunes old checkpoints on its own).
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 import zipfile
@@ -21,6 +24,13 @@ from ..store import new_id
 
 MAX_IMPORT_BYTES = 4 * 2**30  # an unzipped bundle larger than this is refused (zip bombs)
 BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+TABLE_HEADERS = ["model", "kind", "created", "id"]
+SHOW_CHECKPOINTS = "models.show_checkpoints"  # the toggle, kept in the workspace's settings across restarts
+NO_MODEL = "Pick a model to see its card."
+# An absolute path in a card (one written before cards hid them, or an imported one): the folders a model
+# was made in are nobody's business once it is shared. A path starts after a space, "(" or the line start,
+# so relative paths (data/x.txt) and URLs (https://...) are left alone.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\])(?:[A-Za-z]:)?[\\/](?:[^\s|,`'\"()\\/]+[\\/])*([^\s|,`'\"()\\/]+)")
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -42,55 +52,232 @@ def sync_checkpoints(services) -> None:
     for run in services.store.list_runs():
         for path in list_checkpoints(run["out_dir"]) if Path(run["out_dir"]).is_dir() else []:
             if _is_model_folder(Path(path)):
-                services.store.add_model(f"{run['name']} @ {Path(path).name}", path, kind="checkpoint", run_id=run["id"])
+                name = f"{run['name']} · step {_step_of(Path(path))}"
+                services.store.add_model(name, path, kind="checkpoint", run_id=run["id"])
     for row in services.store.list_models():
         if not Path(row["path"]).is_dir():
             services.store.delete_model(row["id"])
 
 
-def models_table(services, sync: bool = True) -> list[list[Any]]:
+def _step_of(folder: Path) -> int:
+    """The step of a checkpoints/step_NNNNNNN folder (0 for any other name)."""
+    digits = folder.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else 0
+
+
+# -- the list ---------------------------------------------------------------------------------------
+
+def listed_models(services, show_checkpoints: bool = False) -> list[tuple[dict[str, Any], bool]]:
+    """(model row, folded) in the order the tab lists them, newest first: every trained, imported and demo
+    model, followed by its run's checkpoints (folded) when `show_checkpoints`. A run with no final model yet
+    (stopped, failed, still training) is listed by its newest checkpoint, so it never disappears."""
+    rows = services.store.list_models()
+    checkpoints: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["kind"] == "checkpoint":
+            checkpoints.setdefault(row["run_id"], []).append(row)
+    for group in checkpoints.values():
+        group.sort(key=lambda row: _step_of(Path(row["path"])), reverse=True)
+    runs_with_model = {row["run_id"] for row in rows if row["kind"] != "checkpoint" and row["run_id"]}
+    listed, runs_done = [], set()
+    for row in rows:
+        run_id = row["run_id"]
+        if row["kind"] != "checkpoint":
+            listed.append((row, False))
+            folded = checkpoints.get(run_id, []) if run_id else []
+        elif run_id in runs_with_model or run_id in runs_done:
+            continue  # listed under its run's model
+        else:
+            newest, *folded = checkpoints[run_id]
+            listed.append((newest, False))
+        runs_done.add(run_id)
+        if show_checkpoints:
+            listed += [(checkpoint, True) for checkpoint in folded]
+    return listed
+
+
+def kind_label(row: dict[str, Any]) -> str:
+    if row["kind"] == "bundle":
+        return "trained" if row["run_id"] else "imported"
+    return row["kind"]  # demo, checkpoint
+
+
+def model_label(row: dict[str, Any], folded: bool = False) -> str:
+    """How a model is named in lists: a checkpoint folded under its run is indented with an arrow."""
+    return f"{'↳ ' if folded else ''}{row['name']} · {kind_label(row)}"
+
+
+def _show_checkpoints(services) -> bool:
+    return bool(services.store.get_setting(SHOW_CHECKPOINTS, False))
+
+
+def models_table(services, sync: bool = True, show_checkpoints: bool | None = None) -> list[list[Any]]:
     if sync:
         sync_checkpoints(services)
-    return [[m["id"], m["name"], m["kind"], m["run_id"] or "", time.strftime("%Y-%m-%d %H:%M", time.localtime(m["created"]))]
-            for m in services.store.list_models()]
+    show = _show_checkpoints(services) if show_checkpoints is None else show_checkpoints
+    return [[('↳ ' if folded else '') + row["name"], kind_label(row),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"])), row["id"]]
+            for row, folded in listed_models(services, show)]
 
 
-def _options(services) -> list[tuple[str, str]]:
-    return [(f"{m['name']} · {m['kind']}", m["id"]) for m in services.store.list_models()]
+def _options(services, show_checkpoints: bool | None = None) -> list[tuple[str, str]]:
+    show = _show_checkpoints(services) if show_checkpoints is None else show_checkpoints
+    return [(model_label(row, folded), row["id"]) for row, folded in listed_models(services, show)]
 
 
-def _choices(services) -> gr.Dropdown:
-    return gr.Dropdown(choices=_options(services))
+def _listing(services) -> tuple[list[list[Any]], gr.Dropdown]:
+    return models_table(services), gr.Dropdown(choices=_options(services))
 
 
-def refresh(services) -> tuple[list[list[Any]], gr.Dropdown]:
-    return models_table(services), _choices(services)
+def refresh(services) -> tuple[list[list[Any]], gr.Dropdown, gr.Checkbox]:
+    """On entering the tab: the list as on disk, and the toggle as remembered (the page was built earlier)."""
+    return *_listing(services), gr.Checkbox(value=_show_checkpoints(services))
 
+
+def toggle_checkpoints(services, show: bool, selected: str | None) -> tuple[list[list[Any]], gr.Dropdown]:
+    """Show or fold away the checkpoints (remembered for next time); a hidden selection moves to the first model."""
+    services.store.set_setting(SHOW_CHECKPOINTS, bool(show))
+    options = _options(services, bool(show))
+    ids = [model_id for _, model_id in options]
+    value = selected if selected in ids else (ids[0] if ids else None)
+    return models_table(services, sync=False, show_checkpoints=bool(show)), gr.Dropdown(choices=options, value=value)
+
+
+# -- the card ---------------------------------------------------------------------------------------
 
 def show_card(services, model_id: str | None) -> str:
+    """The selected model's card: a trained model's is titled with its run's name and names its dataset;
+    a checkpoint's says which run and step it is. No card shows a path on this computer."""
     row = services.store.get_model(model_id) if model_id else None
     if row is None:
-        return "Pick a model to see its card."
+        return NO_MODEL
+    if row["kind"] == "checkpoint":
+        return _checkpoint_card(services, row)
     card = Path(row["path"]) / "README.md"
     text = card.read_text(encoding="utf-8") if card.exists() else row["card"] or "_No model card in this folder._"
-    return f"{text}\n\n`{row['path']}`"
+    if row["kind"] == "bundle" and row["run_id"]:
+        text = edit_card(text, _run_name(services, row), _dataset_rows(services, row))
+    return hide_paths(text)
 
+
+def model_folder(services, model_id: str | None) -> str:
+    """Where the selected model is on this computer (shown beside its card, never in it)."""
+    row = services.store.get_model(model_id) if model_id else None
+    return f"Folder: `{row['path']}`" if row else ""
+
+
+def show_model(services, model_id: str | None) -> tuple[str, str]:
+    return show_card(services, model_id), model_folder(services, model_id)
+
+
+def edit_card(text: str, title: str | None = None, rows: dict[str, Any] | None = None) -> str:
+    """A card (as apertis_core writes them: a "# title" and a | key | value | table) with its title and the
+    named rows replaced; a row the card lacks is added at the end of its table."""
+    lines = text.split("\n")
+    if title:
+        heading = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+        if heading is None:
+            lines[:0] = [f"# {title}", ""]
+        else:
+            lines[heading] = f"# {title}"
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    for key, value in (rows or {}).items():
+        row = f"| {key} | {str(value).replace('|', '/')} |"
+        found = next((i for i in table if _row_key(lines[i]) == key), None)
+        if found is not None:
+            lines[found] = row
+        elif table:
+            table.append(table[-1] + 1)
+            lines.insert(table[-1], row)
+    return "\n".join(lines)
+
+
+def hide_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part (/home/me/data/x.jsonl -> x.jsonl)."""
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1), text)
+
+
+def _row_key(line: str) -> str:
+    cells = line.strip().strip("|").split("|")
+    return cells[0].strip() if len(cells) == 2 else ""
+
+
+def _run_name(services, row: dict[str, Any]) -> str:
+    run = services.store.get_run(row["run_id"]) if row["run_id"] else None
+    return run["name"] if run else row["name"]
+
+
+def _dataset_rows(services, row: dict[str, Any]) -> dict[str, str]:
+    """{"dataset": its name in the Dataset tab} for a model trained here (the card knows only a folder name)."""
+    run = services.store.get_run(row["run_id"]) if row["run_id"] else None
+    dataset = services.store.get_dataset(run["dataset_id"]) if run and run["dataset_id"] else None
+    return {"dataset": dataset["name"]} if dataset else {}
+
+
+def _checkpoint_facts(services, row: dict[str, Any]) -> dict[str, Any]:
+    """What the trainer's meta.json says about a checkpoint (step, tokens, losses), and its dataset."""
+    try:
+        meta = json.loads((Path(row["path"]) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    facts = {"step": _step_of(Path(row["path"]))}
+    if meta.get("total_steps"):
+        facts["step"] = f"{facts['step']} of {meta['total_steps']}"
+    facts |= {key.replace("_", " "): value for key, value in meta.items()
+              if key in ("tokens_seen", "train_loss", "val_loss") and value is not None}
+    return facts | _dataset_rows(services, row)
+
+
+def _checkpoint_card(services, row: dict[str, Any]) -> str:
+    run, step = _run_name(services, row), _step_of(Path(row["path"]))
+    rows = "\n".join(f"| {key} | {f'{value:.4f}' if isinstance(value, float) else value} |"
+                     for key, value in _checkpoint_facts(services, row).items())
+    return hide_paths(
+        f"# {run} · step {step}\n\nA checkpoint: the model as it was at step {step} of the run **{run}**, saved so "
+        "training can resume. Load it into Chat to try it, or export it as a model of its own.\n\n"
+        f"| | |\n|---|---|\n{rows}\n"
+    )
+
+
+# -- export, import, delete -------------------------------------------------------------------------
 
 def export_zip(services, model_id: str | None) -> str | None:
-    """A zip of the bundle (a checkpoint is exported as a clean bundle first: no optimizer state)."""
+    """A zip of the bundle with the card the tab shows (a checkpoint is saved as a clean bundle first: no
+    optimizer state)."""
     row = services.store.get_model(model_id) if model_id else None
     if row is None:
         gr.Warning("Pick a model to export.")
         return None
     folder = services.store.tmp_dir / "exports"
-    source = Path(row["path"])
+    folder.mkdir(parents=True, exist_ok=True)
+    source, card = Path(row["path"]), None
     if row["kind"] == "checkpoint":
-        from apertis_core.bundle import load_bundle, save_bundle
+        source = _checkpoint_bundle(services, row, folder / f"{row['id']}-bundle")
+    elif (source / "README.md").is_file():
+        card = show_card(services, row["id"])  # as the tab shows it: the run's name, the dataset's, no paths
+    name = re.sub(r"[^\w.-]+", "_", row["name"]).strip("_") or "model"
+    return str(_zip_bundle(source, folder / f"{name}-{row['id']}.zip", card))
 
-        source = folder / f"{row['id']}-bundle"
-        model, tokenizer = load_bundle(row["path"])
-        save_bundle(source, model, tokenizer, {"exported from": row["name"]})
-    archive = shutil.make_archive(str(folder / f"{Path(row['name']).name.replace(' ', '_')}-{row['id']}"), "zip", source)
+
+def _checkpoint_bundle(services, row: dict[str, Any], dest: Path) -> Path:
+    from apertis_core.bundle import load_bundle, save_bundle
+
+    run, step = _run_name(services, row), _step_of(Path(row["path"]))
+    model, tokenizer = load_bundle(row["path"])
+    facts = {**_checkpoint_facts(services, row), "exported from": f"checkpoint step {step} of {run}"}
+    return save_bundle(dest, model, tokenizer, facts, title=f"{run} · step {step}")
+
+
+def _zip_bundle(folder: Path, archive: Path, card: str | None) -> Path:
+    """Zip `folder`'s files (top level in the zip, as import expects); `card` replaces its README.md."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            if not (card is not None and name == "README.md"):
+                zf.write(path, name)
+        if card is not None:
+            zf.writestr("README.md", card)
     return archive
 
 
@@ -112,7 +299,7 @@ def _safe_extract(archive: Path, dest: Path) -> Path:
 
 def import_bundle(services, upload: str | None) -> tuple[str, list[list[Any]], gr.Dropdown]:
     if not upload:
-        return "Choose a bundle .zip first.", *refresh(services)
+        return "Choose a bundle .zip first.", *_listing(services)
     dest = services.store.models_dir / new_id("import")
     try:
         from apertis_core.bundle import load_bundle
@@ -121,10 +308,10 @@ def import_bundle(services, upload: str | None) -> tuple[str, list[list[Any]], g
         load_bundle(folder)  # refuse corrupt or mismatched bundles now, not at chat time
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        return f"Import failed: {exc}", *refresh(services)
+        return f"Import failed: {exc}", *_listing(services)
     card = folder / "README.md"
     services.store.add_model(Path(upload).stem, folder, kind="bundle", card=card.read_text(encoding="utf-8") if card.exists() else "")
-    return f"Imported {Path(upload).name}.", *refresh(services)
+    return f"Imported {Path(upload).name}.", *_listing(services)
 
 
 def ask_delete(services, model_id: str | None) -> tuple[str, gr.Button]:
@@ -139,33 +326,46 @@ def ask_delete(services, model_id: str | None) -> tuple[str, gr.Button]:
 def delete_model(services, model_id: str | None) -> tuple[str, gr.Button, list[list[Any]], gr.Dropdown]:
     row = services.store.get_model(model_id) if model_id else None
     if row is None:
-        return "Nothing deleted: pick a model first.", gr.Button(visible=False), *refresh(services)
+        return "Nothing deleted: pick a model first.", gr.Button(visible=False), *_listing(services)
     folder = Path(row["path"]).resolve()
     if folder.is_relative_to(services.store.root):  # never remove anything outside the workspace
         shutil.rmtree(folder, ignore_errors=True)
     services.store.delete_model(row["id"])
-    return f"Deleted {row['name']}.", gr.Button(visible=False), *refresh(services)
+    table, _ = _listing(services)
+    options = _options(services)
+    return (f"Deleted {row['name']}.", gr.Button(visible=False), table,
+            gr.Dropdown(choices=options, value=options[0][1] if options else None))  # the card follows
 
 
 def build(services) -> dict[str, Any]:
     # No checkpoint sync while the page is built: it imports torch (about 2 s of start-up), and selecting
     # the tab syncs anyway. A plain list for the choices: a gr.Dropdown made here would be drawn on the page.
-    table = gr.Dataframe(headers=["id", "name", "kind", "run", "created"], value=models_table(services, sync=False),
+    show = _show_checkpoints(services)
+    options = _options(services, show)
+    first = options[0][1] if options else None
+    table = gr.Dataframe(headers=TABLE_HEADERS, value=models_table(services, sync=False, show_checkpoints=show),
                          interactive=False)
     with gr.Row():
-        selected = gr.Dropdown(label="Model", choices=_options(services), scale=3)
+        selected = gr.Dropdown(label="Model", choices=options, value=first, scale=3)
+        checkpoints = gr.Checkbox(label="Show checkpoints", value=show, scale=1,
+                                  info="the snapshots saved during training, under their run")
         to_chat, export = gr.Button("Load into Chat", variant="primary"), gr.Button("Export zip")
         delete = gr.Button("Delete", variant="stop")
     confirm = gr.Button(visible=False, variant="stop")
     message = gr.Markdown()
     with gr.Row():
-        card = gr.Markdown("Pick a model to see its card.")
+        with gr.Column(scale=2):
+            card = gr.Markdown(show_card(services, first))  # the card of the model picked by default
+            folder = gr.Markdown(model_folder(services, first))
         with gr.Column():
             download = gr.File(label="Exported bundle", interactive=False)
             upload = gr.File(label="Import a bundle (.zip)", file_types=[".zip"])
-    selected.change(partial(show_card, services), selected, card, api_visibility="private")
+    selected.change(partial(show_model, services), selected, [card, folder], api_visibility="private")
+    checkpoints.input(partial(toggle_checkpoints, services), [checkpoints, selected], [table, selected],
+                      api_visibility="private")
     export.click(partial(export_zip, services), selected, download, api_name="export_model")
     upload.upload(partial(import_bundle, services), upload, [message, table, selected], api_name="import_model")
     delete.click(partial(ask_delete, services), selected, [message, confirm], api_visibility="private")
     confirm.click(partial(delete_model, services), selected, [message, confirm, table, selected], api_visibility="private")
-    return {"selected": selected, "to_chat": to_chat, "refresh": partial(refresh, services), "refresh_outputs": [table, selected]}
+    return {"selected": selected, "to_chat": to_chat, "refresh": partial(refresh, services),
+            "refresh_outputs": [table, selected, checkpoints]}
