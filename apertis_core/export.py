@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .bundle import BUNDLE_FILES, atomic_directory, load_bundle, save_bundle
+from .bundle import BUNDLE_FILES, atomic_directory, card_title, load_bundle, save_bundle
 from .fileio import atomic_write_text
 from .model import ApertisModel, ModelConfig
 
@@ -71,7 +71,7 @@ def export_model(source: str | Path, out: str | Path, format: str = "apertis") -
 def _card_facts(model_dir: Path) -> dict[str, Any]:
     """Training facts for the new model card: a checkpoint's meta.json, or the rows of a bundle's card
     that the card does not recompute (data, steps, losses...)."""
-    facts: dict[str, Any] = {"exported from": model_dir.name}
+    facts: dict[str, Any] = {"exported from": card_title(model_dir)}  # a run's name, not "final"
     meta, readme = model_dir / "meta.json", model_dir / "README.md"
     if meta.is_file():
         try:

@@ -52,6 +52,12 @@ def test_a_run_folder_exports_its_newest_model(tmp_path):
     assert find_model_dir(run) == run / "checkpoints" / "step_0000010"
 
 
+def test_an_exported_final_bundle_names_its_run_not_final(tmp_path):
+    _tiny_bundle(tmp_path / "shakespeare-run" / "final", "transformer-nano")
+    card = (export_model(tmp_path / "shakespeare-run" / "final", tmp_path / "out") / "README.md").read_text()
+    assert "exported from | shakespeare-run" in card and "| final |" not in card
+
+
 def test_export_refuses_an_empty_folder_and_its_own_source(tmp_path):
     with pytest.raises(ExportError, match="no model here"):
         find_model_dir(tmp_path)
