@@ -8,7 +8,6 @@ to check that the page shows a message exactly as typed.
 """
 
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from studio.jobs import JobManager
 from studio.store import Store
 from studio.tabs import chat, dataset, models
 
+from browser import open_page, sync_api
 from conftest import tiny_config
 
 SETTINGS = ("", 0.0, 20, 0.95, 12, 1.0)  # system prompt, greedy, top-k, top-p, max new tokens, no penalty
@@ -305,30 +305,19 @@ def test_hide_paths_keeps_relative_paths_and_urls():
 
 # -- In the browser: a message shows exactly as typed -------------------------------------------------
 
-def test_chat_page_shows_a_message_as_typed(studio_url):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI") == "true":
-            raise RuntimeError("CI must run the browser tests, but chromium is missing: check .ci/run")
-        pytest.skip("Chromium is not installed (Debian/Ubuntu: apt-get install chromium)")
-    from test_studio_browser import CHROMIUM_ARGS
-
+def test_chat_page_shows_a_message_as_typed(studio_url, tmp_path):
+    expect = sync_api().expect
     typed = "Sure:\n    indented, not code\n# not a heading\n<b>not bold</b> &amp; a<b  c"
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(studio_url, wait_until="load")
-            page.get_by_role("tab", name="Chat").click()
-            sync_api.expect(page.get_by_label("Second model", exact=True)).to_be_hidden()
-            page.get_by_placeholder("Ask something; attach an image with the clip").fill(typed)
-            page.keyboard.press("Enter")
-            bubble = page.locator('[data-testid="user"]').first
-            sync_api.expect(bubble).to_be_visible(timeout=30_000)
-            assert bubble.locator("b").count() == 0 and bubble.locator("h1, pre, code").count() == 0
-            assert bubble.inner_text().strip() == typed  # every space and line break as typed
-            page.get_by_label("Side by side").check()
-            sync_api.expect(page.get_by_label("Second model", exact=True)).to_be_visible()
-        finally:
-            browser.close()
+    with open_page(tmp_path / "chromium-profile", height=900) as (page, errors):
+        page.goto(studio_url, wait_until="load")
+        page.get_by_role("tab", name="Chat").click()
+        expect(page.get_by_label("Second model", exact=True)).to_be_hidden()
+        page.get_by_placeholder("Ask something; attach an image with the clip").fill(typed)
+        page.keyboard.press("Enter")
+        bubble = page.locator('[data-testid="user"]').first
+        expect(bubble).to_be_visible(timeout=30_000)
+        assert bubble.locator("b").count() == 0 and bubble.locator("h1, pre, code").count() == 0
+        assert bubble.inner_text().strip() == typed  # every space and line break as typed
+        page.get_by_label("Side by side").check()
+        expect(page.get_by_label("Second model", exact=True)).to_be_visible()
+    assert not errors, "JavaScript errors in the studio page:\n" + "\n".join(errors)
