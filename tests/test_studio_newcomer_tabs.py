@@ -35,6 +35,13 @@ def services(tmp_path):
     return Services(store=store, jobs=JobManager(store))
 
 
+def test_dataset_choices_count_records_in_words(services, tmp_path):
+    one = services.store.add_dataset("poem", tmp_path / "poem.txt", {"records": 1})
+    many = services.store.add_dataset("stories", tmp_path / "stories.txt", {"records": 3})
+    assert dict((v, k) for k, v in dataset.dataset_choices(services)) == {one: "poem · 1 record",
+                                                                         many: "stories · 3 records"}
+
+
 def _bundle(services, name: str) -> str:
     """A tiny untrained bundle (byte-level tokenizer) registered as an imported model."""
     from apertis_core import ApertisModel, Tokenizer

@@ -66,7 +66,7 @@ def dataset_choices(services) -> list[tuple[str, str]]:
     out = []
     for row in services.store.list_datasets():
         records = (row.get("summary") or {}).get("records", "?")
-        out.append((f"{row['name']} · {records} records", row["id"]))
+        out.append((f"{row['name']} · {records} record{'' if records == 1 else 's'}", row["id"]))
     return out
 
 
