@@ -1,22 +1,22 @@
-"""Before a run: parameters, tokens per step, steps, memory and ETA, from the config and a measured warm-up.
+"""Before a run: parameters, tokens per step, steps, memory and ETA, from the config and measured steps.
 
-The studio shows `plan_run(...).to_text()` before the user presses Start; the trainer uses the same
+The studio shows `plan_run(...).to_text()` before the user presses Start; the trainer uses the same step
 measurement to turn a time budget (`max_minutes`) into a number of steps, so the schedule ends on time.
+The measuring itself (what is timed, and in which process) is in measure.py.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..model import ApertisModel, ModelConfig
+from ..model import ApertisModel
 from ..tokenizer import SPECIAL_TOKENS, Tokenizer
 from .config import RunConfig, TrainConfig
 from .hardware import pick_device
-from .optim import build_optimizer
+from .measure import Measurement, measure_run
 from .precision import Precision, resolve_precision
 
 
@@ -27,12 +27,16 @@ class TrainPlan:
     tokens_per_step: int  # tokens per optimizer step, all processes together
     total_steps: int  # optimizer steps the run will take
     est_memory_bytes: int  # rough peak memory of one training process
-    eta_seconds: float  # estimated training time (measured step time x steps, plus evaluations)
+    eta_seconds: float  # estimated wall time: start-up + steps + evaluations + samples
     flops_per_token: float  # training FLOPs per token (forward + backward)
     device: str  # where it trains
     precision: str  # fp32, bf16 or fp16
     step_seconds: float  # measured seconds per optimizer step (0 when not measured)
     world_size: int = 1  # data-parallel processes
+    threads: int = 0  # torch threads the steps were measured with (0 when not measured)
+    start_seconds: float = 0.0  # of eta_seconds: starting the process, reading the data, the slow first step
+    sample_seconds: float = 0.0  # of eta_seconds: the sample generations
+    measured_in: str = ""  # where the steps were timed, for the reader
 
     def to_text(self) -> str:
         active = (
@@ -50,22 +54,44 @@ class TrainPlan:
         ]
         if self.step_seconds > 0:
             tok_s = self.tokens_per_step / self.step_seconds
-            lines.append(f"speed           {self.step_seconds:.3f} s/step, {tok_s:,.0f} tokens/s (measured)")
-            lines.append(f"ETA             {format_duration(self.eta_seconds)}")
+            where = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+            where += f", {self.measured_in}" if self.measured_in else ""
+            lines.append(f"speed           {self.step_seconds:.3f} s/step, {tok_s:,.0f} tokens/s (measured{where})")
+            lines.append(f"ETA             {format_duration(self.eta_seconds)}{self._eta_parts()}")
         return "\n".join(lines)
+
+    def _eta_parts(self) -> str:
+        steps = self.eta_seconds - self.start_seconds - self.sample_seconds
+        parts = [f"{format_duration(steps)} of steps and evaluations"]
+        if self.sample_seconds >= 1:
+            parts.append(f"{format_duration(self.sample_seconds)} of sample text")
+        if self.start_seconds >= 1:
+            parts.append(f"{format_duration(self.start_seconds)} to start")
+        return f" ({', '.join(parts)})" if len(parts) > 1 else ""
 
 
 def format_duration(seconds: float) -> str:
+    """'4m 05s', '3h 07m', '12 days 4h', '31.7 years': the largest units that still say something."""
     seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+    if days >= 365:
+        return f"{seconds / (365.25 * 86400):,.1f} years"
+    if days >= 2:
+        return f"{days} days {hours}h"
+    if days or hours:
+        return f"{days * 24 + hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s"
 
 
-def plan_run(run_config: RunConfig, measure: bool = True, world_size: int = 1) -> TrainPlan:
-    """What `train(run_config)` will do; `measure` times a few warm-up steps for the ETA and time budget.
+def plan_run(
+    run_config: RunConfig, measure: bool = True, world_size: int = 1, measurement: Measurement | None = None
+) -> TrainPlan:
+    """What `train(run_config)` will do. `measure` times the run's first steps here (`measure_run`) unless a
+    `measurement` is given (say, from `measure_in_fresh_process`).
 
-    Without `measure` there is no ETA, and a time-budgeted run shows max_steps (its real count needs a speed).
+    Without a measurement there is no ETA, and a time-budgeted run shows max_steps (its real count needs a speed).
     """
     cfg = run_config.train
     device = pick_device(cfg.device)
@@ -74,20 +100,34 @@ def plan_run(run_config: RunConfig, measure: bool = True, world_size: int = 1) -
     seq_len = run_config.data.seq_len
     with torch.device("meta"):  # counts and FLOPs need shapes only, not memory
         model = ApertisModel(model_config)
-    step_s = measure_step_seconds(model_config, cfg, seq_len, device, precision) if measure else 0.0
-    total = budget_steps(cfg, step_s) if cfg.max_minutes > 0 and step_s > 0 else cfg.max_steps
+    if measurement is None and measure:
+        measurement = measure_run(run_config)
+    m = measurement or Measurement(0.0, 0.0, 0.0, threads=0, where="")
+    if m.val_batches is not None:  # an evaluation stops after one pass over a small validation set
+        cfg = dataclasses.replace(cfg, eval_batches=min(cfg.eval_batches, m.val_batches))
+    start_s = m.startup_s + m.setup_s + max(m.first_step_s - m.step_s, 0.0) + final_eval_seconds(cfg, m.step_s)
+    if cfg.max_minutes > 0 and m.step_s > 0:  # the trainer fits the steps into what its start leaves
+        total = budget_steps(cfg, m.step_s, cfg.max_minutes * 60 - (start_s - m.startup_s))
+    else:
+        total = cfg.max_steps
+    sample_s = sample_seconds(cfg, total, m.sample_token_s)
+    step_part = total * seconds_per_step_with_eval(cfg, m.step_s)
     return TrainPlan(
         parameters=model.num_parameters(),
         active_parameters=model.num_parameters(active_only=True),
         tokens_per_step=cfg.tokens_per_step(seq_len, world_size),
         total_steps=total,
         est_memory_bytes=estimate_memory(model, cfg.batch_size, seq_len, precision),
-        eta_seconds=total * seconds_per_step_with_eval(cfg, step_s),
+        eta_seconds=step_part + sample_s + start_s if m.step_s > 0 else 0.0,
         flops_per_token=model.flops_per_token(seq_len),
         device=str(device),
         precision=precision.name,
-        step_seconds=step_s,
+        step_seconds=m.step_s,
         world_size=world_size,
+        threads=m.threads,
+        start_seconds=start_s if m.step_s > 0 else 0.0,
+        sample_seconds=sample_s,
+        measured_in=m.where,
     )
 
 
@@ -113,51 +153,28 @@ def estimate_memory(model: ApertisModel, batch_size: int, seq_len: int, precisio
     return 16 * model.num_parameters() + activations + logits
 
 
-def measure_step_seconds(
-    model_config: ModelConfig,
-    cfg: TrainConfig,
-    seq_len: int,
-    device: torch.device,
-    precision: Precision,
-    steps: int = 3,
-) -> float:
-    """Seconds per optimizer step, timed on a throwaway copy of the model with random tokens.
-
-    The global RNG is forked so a run that measures first trains exactly like one that does not.
-    """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        model = ApertisModel(model_config).to(device)
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, device)
-        ids = torch.randint(0, model_config.vocab_size, (cfg.batch_size, seq_len + 1), device=device)
-        micro, update = [], []
-        for index in range(steps + 1):  # the first round pays for allocation and kernel selection
-            start = _now(device)
-            with precision.autocast():
-                out = model(ids[:, :-1])
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
-            loss.backward()
-            middle = _now(device)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if index:
-                micro.append(middle - start)
-                update.append(_now(device) - middle)
-    return cfg.grad_accum * min(micro) + min(update)
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def seconds_per_step_with_eval(cfg: TrainConfig, step_s: float) -> float:
     """Step time plus the evaluations' share (a forward pass costs about a third of a training step)."""
     if cfg.eval_every <= 0:
         return step_s
-    eval_s = cfg.eval_batches * step_s / (3 * cfg.grad_accum)
-    return step_s + eval_s / cfg.eval_every
+    return step_s + eval_seconds(cfg, step_s) / cfg.eval_every
+
+
+def eval_seconds(cfg: TrainConfig, step_s: float) -> float:
+    """One validation pass: eval_batches forward passes of one micro-batch each."""
+    return cfg.eval_batches * step_s / (3 * cfg.grad_accum)
+
+
+def final_eval_seconds(cfg: TrainConfig, step_s: float) -> float:
+    """The trainer evaluates once more at the end, whatever eval_every says (when there is a validation set)."""
+    return eval_seconds(cfg, step_s)
+
+
+def sample_seconds(cfg: TrainConfig, total_steps: int, token_s: float) -> float:
+    """All sample generations of a run: every sample_every steps, each prompt gets sample_tokens tokens."""
+    if cfg.sample_every <= 0 or not cfg.sample_prompts:
+        return 0.0
+    return (total_steps // cfg.sample_every) * len(cfg.sample_prompts) * cfg.sample_tokens * token_s
 
 
 def budget_steps(cfg: TrainConfig, step_s: float, seconds_left: float | None = None) -> int:

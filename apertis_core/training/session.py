@@ -24,8 +24,9 @@ from ..tokenizer import Tokenizer
 from .checkpoint import latest_checkpoint, load_trainer_state, resolve_checkpoint
 from .config import RunConfig
 from .distributed import DistContext, wrap_model
+from .measure import measure_step_seconds
 from .optim import build_optimizer
-from .planning import budget_steps, measure_step_seconds
+from .planning import budget_steps
 from .precision import Precision, resolve_precision
 from .schedule import LRSchedule, build_schedule, extend_schedule
 

@@ -25,6 +25,7 @@ from .checkpoint import checkpoint_dir, mark_best_if_better, prune_checkpoints, 
 from .config import RunConfig
 from .distributed import init_distributed, shutdown_distributed
 from .hardware import peak_flops, pick_device
+from .measure import train_threads
 from .planning import budget_steps
 from .session import Session, capture_state, open_session
 
@@ -48,21 +49,18 @@ def train(
 ) -> TrainResult:
     """Train (or resume, or extend by `extra_steps`) the run described by `run_config`."""
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    if run_config.train.threads > 0:
-        torch.set_num_threads(run_config.train.threads)
-    ctx = init_distributed(pick_device(run_config.train.device))
-    try:
-        session = open_session(run_config, ctx, started, resume_from, extra_steps)
-        metrics = JsonlLogger(Path(run_config.out_dir) / "metrics.jsonl")
-        sinks = CallbackList([metrics, *callbacks]) if ctx.is_main else Callback()  # rank 0 reports for all
+    with train_threads(run_config.train):  # the same helper times a plan's steps, so plans use these threads
+        ctx = init_distributed(pick_device(run_config.train.device))
         try:
-            return _Loop(run_config, session, sinks, started).run()
+            session = open_session(run_config, ctx, started, resume_from, extra_steps)
+            metrics = JsonlLogger(Path(run_config.out_dir) / "metrics.jsonl")
+            sinks = CallbackList([metrics, *callbacks]) if ctx.is_main else Callback()  # rank 0 reports for all
+            try:
+                return _Loop(run_config, session, sinks, started).run()
+            finally:
+                sinks.close()
         finally:
-            sinks.close()
-    finally:
-        shutdown_distributed(ctx)
-        torch.set_num_threads(threads)  # the setting is process-wide; leave the caller's as it was
+            shutdown_distributed(ctx)
 
 
 def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

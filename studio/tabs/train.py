@@ -1,47 +1,53 @@
 """Train tab: choose data, preset and hyper-parameters; see the plan and the exact command; start, stop,
 resume or extend runs; watch progress, the log tail and the queue.
 
+Plans, Start's refusals and the live ETA are services in studio/run_plan.py; this file lays out the form
+and turns its values into calls to them.
+
 The form becomes a RunConfig mapping (`run_mapping`), so what the studio trains is exactly what
 `apertis train config.yaml` would train from the YAML it shows.
 """
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Any
 
 import gradio as gr
 import yaml
 
+from .. import run_plan, run_states
 from ..jobs import JobError
 from ..runfiles import CONFIG_NAME, log_tail
 
 # (name, label, default, kind) of the form fields, in the order the handlers receive them. The defaults
 # train the nano preset on a laptop CPU in a few minutes.
 BASIC = [
-    ("max_steps", "Steps", 300, "int"),
-    ("batch_size", "Batch size", 8, "int"),
-    ("seq_len", "Sequence length", 128, "int"),
+    ("max_steps", "Training steps", 300, "int"),
+    ("batch_size", "Examples per step (batch size)", 8, "int"),
+    ("seq_len", "Tokens per example (sequence length)", 128, "int"),
     ("lr", "Learning rate", 1e-3, "float"),
-    ("max_minutes", "Time budget (minutes, 0 = use Steps)", 0.0, "float"),
+    ("max_minutes", "Time budget in minutes (0 = train for the steps above)", 0.0, "float"),
 ]
 ADVANCED = [
-    ("vocab_size", "Tokenizer vocabulary (when training one)", 2048, "int"),
-    ("warmup_steps", "Warm-up steps", 30, "int"),
-    ("eval_every", "Evaluate every (steps)", 50, "int"),
-    ("save_every", "Checkpoint every (steps)", 100, "int"),
-    ("log_every", "Log every (steps)", 5, "int"),
-    ("sample_every", "Sample generations every (steps, 0 = off)", 100, "int"),
-    ("schedule", "Schedule", "cosine", ["cosine", "wsd"]),
-    ("precision", "Precision", "auto", ["auto", "fp32", "bf16", "fp16"]),
-    ("device", "Device", "auto", ["auto", "cpu", "cuda", "mps"]),
+    ("vocab_size", "Vocabulary size of a new tokenizer", 2048, "int"),
+    ("warmup_steps", "Warm-up steps (learning rate rises)", 30, "int"),
+    ("eval_every", "Check validation loss every N steps", 50, "int"),
+    ("save_every", "Save a checkpoint every N steps", 100, "int"),
+    ("log_every", "Record metrics every N steps", 5, "int"),
+    ("sample_every", "Write sample text every N steps (0 = never)", 100, "int"),
+    ("schedule", "Learning-rate schedule", "cosine", ["cosine", "wsd"]),
+    ("precision", "Number precision", "auto", ["auto", "fp32", "bf16", "fp16"]),
+    ("device", "Train on", "auto", ["auto", "cpu", "cuda", "mps"]),
     ("extra", "More settings, one key=value per line (e.g. model.d_model=128)", "", "text"),
 ]
 FIELDS = [f[0] for f in BASIC + ADVANCED]
 BASIC_DEFAULTS = {f[0]: f[2] for f in BASIC}
 ADVANCED_DEFAULTS = {f[0]: f[2] for f in ADVANCED}
 PROBE_PROMPTS = ["The", "Once upon a time", "What shape is the red object?"]
+HELP = ("Train a model on one of your datasets: pick the dataset and a model size, press **Plan** to see how "
+        "long it will take on this computer, then **Start**. Runs train in the background; follow them below "
+        "or in the Metrics tab.")
 # ModelConfig.presets(), written out: importing apertis_core imports torch, about 2 s of the studio's
 # start-up, and the form needs only the names. tests/test_studio_tabs.py checks the two lists agree.
 PRESETS = ["apertis-nano", "apertis-small", "apertis-base", "apertis-large", "apertis-hybrid-nano",
@@ -88,13 +94,13 @@ def show_command(services, dataset_id, preset, *values) -> tuple[str, str]:
 
 
 def plan(services, dataset_id, preset, *values) -> str:
-    """Parameters, tokens, memory and ETA before Start (times a few warm-up steps)."""
-    from apertis_core.training import RunConfig, plan_run
-
+    """API `plan_run`: parameters, tokens, memory and ETA before Start, from a few real steps timed the way
+    the worker will train (see studio/run_plan.py), and what Start would refuse."""
     try:
-        return plan_run(RunConfig.from_dict(_form(services, dataset_id, preset, *values))).to_text()
-    except (ValueError, RuntimeError) as exc:
+        mapping = _form(services, dataset_id, preset, *values)
+    except ValueError as exc:
         return f"Cannot plan this run: {exc}"
+    return run_plan.plan_text(services, dataset_id, mapping)
 
 
 def run_choices(services) -> list[tuple[str, str]]:
@@ -103,14 +109,31 @@ def run_choices(services) -> list[tuple[str, str]]:
 
 def start_run(services, name, dataset_id, preset, *values) -> tuple[str, str]:
     """API `start_run`: queue a run from the form -> (message, run id or "" if not started). It starts at
-    once when no other run is training."""
+    once when no other run is training. After the FIELDS values may come one more: True confirms a run
+    planned longer than 7 days (the "I understand..." box). Start refuses, saying what to do, a dataset
+    without usable records, a config the trainer would reject, and a run that is absurdly long."""
+    form, confirmed = values[: len(FIELDS)], bool(values[len(FIELDS)]) if len(values) > len(FIELDS) else False
     try:
-        mapping = _form(services, dataset_id, preset, *values)
+        mapping = _form(services, dataset_id, preset, *form)
+        check = run_plan.check_start(services, dataset_id, mapping, confirmed_long=confirmed)
+        if not check.ok:
+            return f"Not started: {check.message}", ""
         run = services.jobs.submit(name or f"{preset} on {services.store.get_dataset(dataset_id)['name']}",
                                    yaml.safe_dump(mapping, sort_keys=False), dataset_id)
     except (ValueError, JobError, OSError) as exc:
         return f"Not started: {exc}", ""
-    return f"{run['name']} ({run['id']}) is {run['status']}.", run["id"]
+    return f"{run['name']} ({run['id']}) is {run['status']}; {check.message}.", run["id"]
+
+
+def confirm_box(message: str) -> gr.Checkbox:
+    """Shows the long-run confirmation when Plan or Start said the run needs it (its label names the days);
+    hides and clears it otherwise, so one confirmation never carries over to another run."""
+    import re
+
+    days = re.search(r"tick '(I understand this run will take about \d+ days)'", message or "")
+    if days:
+        return gr.Checkbox(visible=True, value=False, label=days.group(1))
+    return gr.Checkbox(visible=False, value=False)
 
 
 def select_run(services, run_id: str | None) -> gr.Dropdown:
@@ -119,15 +142,11 @@ def select_run(services, run_id: str | None) -> gr.Dropdown:
 
 
 def _eta(services, run: dict[str, Any]) -> str:
-    """Time left at the rate measured since the worker last started (a resumed run restarts the clock)."""
-    step, total = int(run["step"] or 0), int(run["total_steps"] or 0)
-    starts = services.store.events(run["id"], kinds=["train_start"])
-    if run["status"] not in ("running", "stopping") or not starts or step >= total:
+    """Time left at the run's own recent pace (the last minute of its steps), not the plan's."""
+    seconds, pace = run_plan.live_eta(services, run)
+    if seconds is None:
         return ""
-    first_step, since = int(starts[-1]["payload"].get("step", 0)), starts[-1]["t"]
-    if step <= first_step:
-        return ""
-    return f" · ETA {_duration((time.time() - since) / (step - first_step) * (total - step))}"
+    return f" · {pace:.2f} steps/s · ETA {_duration(seconds)}"
 
 
 def _progress_text(run: dict[str, Any], eta: str) -> str:
@@ -139,12 +158,13 @@ def _progress_text(run: dict[str, Any], eta: str) -> str:
 
 
 def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {secs:02d}s"
+    from apertis_core.training.planning import format_duration  # a run is training: torch is loaded already
+
+    return format_duration(seconds)
 
 
 def queue_rows(services) -> list[list[Any]]:
-    rows = services.store.list_runs(["running", "stopping", "queued"])
+    rows = services.store.list_runs([*run_states.ACTIVE, run_states.QUEUED])
     return [[r["id"], r["name"], r["status"], f"{r['step'] or 0}/{r['total_steps'] or 0}"] for r in rows]
 
 
@@ -191,9 +211,10 @@ def _field(name: str, label: str, default: Any, kind: Any) -> gr.components.Comp
 def build(services, timer_s: float) -> dict[str, Any]:
     from .dataset import dataset_choices
 
+    gr.Markdown(HELP)
     with gr.Row():
         dataset = gr.Dropdown(label="Dataset", choices=dataset_choices(services), allow_custom_value=True)
-        preset = gr.Dropdown(label="Preset", choices=PRESETS, value="apertis-nano")
+        preset = gr.Dropdown(label="Model size (preset)", choices=PRESETS, value="apertis-nano")
         name = gr.Textbox(label="Run name", placeholder="optional")
     with gr.Row():
         basic = [_field(*f) for f in BASIC]
@@ -203,25 +224,29 @@ def build(services, timer_s: float) -> dict[str, Any]:
     with gr.Row():
         plan_btn, command_btn = gr.Button("Plan"), gr.Button("Show command")
         start_btn = gr.Button("Start", variant="primary")
-    plan_out = gr.Textbox(label="Plan", lines=7)
+    confirm = gr.Checkbox(visible=False, value=False, label="I understand this run will take more than 7 days")
+    plan_out = gr.Textbox(label="Plan", lines=9)
     with gr.Accordion("Command and YAML", open=False):
         command, config = gr.Code(label="Command", language="shell"), gr.Code(label="config.yaml", language="yaml")
     with gr.Row():
-        run = gr.Dropdown(label="Run", choices=run_choices(services), scale=3, allow_custom_value=True)
+        run = gr.Dropdown(label="Run to follow", choices=run_choices(services), scale=3, allow_custom_value=True)
         stop_btn, resume_btn = gr.Button("Stop", variant="stop"), gr.Button("Resume")
-        more_steps, more_btn = gr.Number(label="N", value=100, precision=0, minimum=1), gr.Button("Train N more")
+        more_steps = gr.Number(label="More steps (for Train N more)", value=100, precision=0, minimum=1)
+        more_btn = gr.Button("Train N more")
     message = gr.Markdown()
     progress = gr.Markdown()
-    log = gr.Textbox(label="Log tail", lines=10, max_lines=20, autoscroll=True)
-    queue = gr.Dataframe(headers=["id", "name", "status", "step"], label="Queue", interactive=False)
+    log = gr.Textbox(label="Latest lines of the run's log", lines=10, max_lines=20, autoscroll=True)
+    queue = gr.Dataframe(headers=["id", "name", "status", "step"], label="Runs training or waiting", interactive=False)
     with gr.Accordion("Status record (as the API returns it)", open=False):
         status = gr.JSON()
 
-    plan_btn.click(partial(plan, services), form, plan_out, api_name="plan_run")
+    plan_btn.click(partial(plan, services), form, plan_out, api_name="plan_run").then(
+        confirm_box, plan_out, confirm, api_visibility="private")
     command_btn.click(partial(show_command, services), form, [command, config], api_visibility="private")
     new_run = gr.Textbox(visible=False)
-    start_btn.click(partial(start_run, services), [name, *form], [message, new_run], api_name="start_run").then(
-        partial(select_run, services), new_run, run, api_visibility="private")
+    start_btn.click(partial(start_run, services), [name, *form, confirm], [message, new_run], api_name="start_run").then(
+        partial(select_run, services), new_run, run, api_visibility="private").then(
+        confirm_box, message, confirm, api_visibility="private")
     status_outputs = [status, progress, log, queue]
     for button, handler, inputs, api in ((stop_btn, stop_run, [run], "stop_run"), (resume_btn, resume_run, [run], "resume_run"),
                                           (more_btn, train_more, [run, more_steps], "train_more")):
