@@ -121,6 +121,7 @@ class JobManager:
         run = self.store.create_run(name, config_yaml, dataset_id)
         out_dir = Path(run["out_dir"])
         mapping["out_dir"] = str(out_dir)  # so the saved file alone repeats the run: apertis train <it>
+        mapping.setdefault("name", name)  # the model card is titled with it
         config_yaml = yaml.safe_dump(mapping, sort_keys=False)
         self.store.update_run(run["id"], config=config_yaml)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,7 @@ def test_run_writes_config_tokenizer_metrics_checkpoints_and_bundle(tmp_path):
     assert tokenizer.vocab_size == model.config.vocab_size == 300
     card = (out / "final" / "README.md").read_text()
     assert "transformer-nano" in card and "final val loss" in card and "steps | 12" in card
+    assert card.startswith("# run\n")  # no name given: the run folder's
 
     metrics = read_metrics(out / "metrics.jsonl")
     train_records = [m for m in metrics if "train/loss" in m]
@@ -112,6 +113,13 @@ def test_run_writes_config_tokenizer_metrics_checkpoints_and_bundle(tmp_path):
     assert [step for kind, step in recorder.events if kind == "save"] == [4, 8, 12]
     assert latest_checkpoint(out).name == "step_0000012"
     assert best_checkpoint(out) in (out / "checkpoints").iterdir()
+
+
+def test_a_named_run_titles_its_model_card_with_the_name(tmp_path):
+    run = tiny_run(tmp_path, max_steps=2)
+    run.name = "Bedtime stories, first try"
+    train(run)
+    assert (tmp_path / "run" / "final" / "README.md").read_text().startswith("# Bedtime stories, first try\n")
 
 
 def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):

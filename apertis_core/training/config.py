@@ -75,6 +75,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # where the data is and how it is cut into samples
     train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation recipe
     out_dir: str = "runs/run"  # run directory: run.yaml, metrics.jsonl, checkpoints/, final/
+    name: str = ""  # what a person calls the run: titles its model card (empty: the run folder's name)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

@@ -306,7 +306,8 @@ class _Loop:
                 "best val loss": s.best_val_loss,
                 "data": s.data_summary,
             }
-            save_bundle(bundle, s.model, s.tokenizer, {k: v for k, v in card.items() if v is not None})
+            card = {k: v for k, v in card.items() if v is not None}
+            save_bundle(bundle, s.model, s.tokenizer, card, title=self.run_config.name or None)
         s.ctx.barrier()
         return str(bundle)
 
