@@ -170,3 +170,64 @@ def test_dataset_metadata_is_skipped_but_a_stray_json_is_reported(tmp_path):
     problems = validate_dataset(tmp_path).problems
     assert [(Path(p.file).name, p.field) for p in problems] == [("extra.json", "file")]
     assert ".jsonl" in problems[0].hint
+
+
+def test_an_unforeseen_error_in_one_record_costs_only_that_record(tmp_path, monkeypatch):
+    from apertis_core.data import formats
+
+    checked = formats._json_record
+
+    def with_a_bug(obj, src, line):
+        if obj.get("text") == "boom":
+            raise ZeroDivisionError("an unforeseen bug")
+        return checked(obj, src, line)
+
+    monkeypatch.setattr(formats, "_json_record", with_a_bug)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [GOOD, {"text": "boom"}, GOOD]), encoding="utf-8")
+    records, report = load_dataset(path)
+    assert [r.line for r in records] == [1, 3]
+    assert [(p.line, p.field) for p in report.problems] == [(2, "record")]
+    assert "ZeroDivisionError: an unforeseen bug" in report.problems[0].message
+
+
+def test_a_reader_that_breaks_mid_file_keeps_what_it_read_and_the_other_files(tmp_path, monkeypatch):
+    from apertis_core.data import Record, formats
+
+    def breaks_after_one_record(src):
+        yield Record("text", "first", None, [], src.name, 1)
+        raise RuntimeError("reader bug")
+
+    monkeypatch.setitem(formats.READERS, ".md", breaks_after_one_record)
+    (tmp_path / "a.md").write_text("# a", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("other file", encoding="utf-8")
+    records, report = load_dataset(tmp_path)
+    assert [r.text for r in records] == ["first", "other file"]
+    assert [(Path(p.file).name, p.line, p.field) for p in report.problems] == [("a.md", 1, "file")]
+    assert "reading stopped after line 1" in report.problems[0].message
+    assert "RuntimeError: reader bug" in report.problems[0].message
+
+
+def test_text_without_an_image_may_not_hold_an_image_placeholder(tmp_path):
+    """Training would look for an image to put there and stop; in a .txt file only that line is dropped."""
+    rows = [GOOD, {"text": "see <image>"}, {"messages": [{"role": "user", "content": "<image>?"}, CHAT[1]]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (tmp_path / "t.txt").write_text("one\ntwo <image>\nthree\n", encoding="utf-8")
+    records, report = load_dataset(tmp_path)
+    assert [r.text for r in records] == ["a good record", "one\nthree\n"]
+    assert [(Path(p.file).name, p.line, p.field) for p in report.problems] == [
+        ("d.jsonl", 2, "text"),
+        ("d.jsonl", 3, "messages[0].content"),
+        ("t.txt", 2, "text"),
+    ]
+    assert all("holds <image> but the record has no image" in p.message for p in report.problems)
+
+
+def test_an_image_placeholder_in_an_assistant_turn_is_refused(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    messages = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "It is <image>"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "ok.png", "messages": messages}), encoding="utf-8")
+    records, report = load_dataset(tmp_path / "d.jsonl")
+    assert records == []
+    assert [(p.line, p.field) for p in report.problems] == [(1, "messages[1].content")]
+    assert "assistant turn holds <image>" in report.problems[0].message

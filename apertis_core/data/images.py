@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 # 40 MP is well above any photo the encoder needs (it downsizes to a few hundred patches) and well below
 # what a decompression bomb claims; PIL's own limit (89 MP warning) is too generous for a training loop.
 MAX_IMAGE_PIXELS = 40_000_000
+# Only the decoders for the accepted suffixes: PIL would otherwise identify a file by its content, and some of
+# its other plugins hand the data to external programs (EPS to Ghostscript). JPEG covers cameras' MPO files.
+DECODED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 class ImageError(ValueError):
@@ -59,18 +63,20 @@ def _decoded(path: Path, max_pixels: int | None = None) -> Iterator:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from exc
-    if size == 0:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise ImageError(f"cannot read the file ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO would wait for a writer forever
+        raise ImageError("not a regular file (a folder, pipe or device)")
+    if info.st_size == 0:
         raise ImageError("empty file (0 bytes)")
     bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as image:
+            with Image.open(path, formats=DECODED_FORMATS) as image:
                 width, height = image.size
                 limit = max_pixels or MAX_IMAGE_PIXELS
                 if width * height > limit:
@@ -80,11 +86,15 @@ def _decoded(path: Path, max_pixels: int | None = None) -> Iterator:
         except ImageError:
             raise
         except UnidentifiedImageError:
-            raise ImageError("not an image file (format not recognised); convert it to PNG or JPEG") from None
+            raise ImageError(
+                "not an image file (format not recognised: not PNG, JPEG, WebP, BMP or GIF); convert it to PNG or JPEG"
+            ) from None
         except bomb as exc:
             raise ImageError(_bomb_message(str(exc), max_pixels or MAX_IMAGE_PIXELS)) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # what PIL raises for damaged data
-            raise ImageError(f"damaged or truncated image ({exc}); re-export or remove the file") from None
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for damaged data
+            raise ImageError(
+                f"damaged or truncated image ({type(exc).__name__}: {exc}); re-export or remove the file"
+            ) from None
 
 
 def _bomb_message(detail: str, limit: int) -> str:

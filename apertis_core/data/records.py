@@ -56,6 +56,12 @@ class Problem:
     message: str  # what is wrong
     hint: str  # what to do about it
 
+    def __post_init__(self):
+        # Every part may quote the input (a file name with undecodable bytes, a control character, an
+        # exception's text); a Problem must print on any console, so each part is made printable once, here.
+        for name in ("file", "field", "message", "hint"):
+            object.__setattr__(self, name, printable(getattr(self, name)))
+
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.field}: {self.message} — {self.hint}"
 
@@ -74,6 +80,28 @@ class RecordError(ValueError):
 _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN) + "\n?")  # as with_placeholders writes it
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
 UTF8_HINT = "re-save the file as UTF-8 (in most editors: Save As → Encoding: UTF-8)"
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
+_MAX_SHOWN = 80  # characters of a quoted value in a message: a 5,000-character name must not flood the report
+
+
+def printable(text: str) -> str:
+    """`text` with control characters, lone surrogates and undecodable bytes written as escapes (\\n, \\x00,
+    \\ud800, \\xff), so it prints on one line on any console."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape: show the byte
+        return f"\\x{code - 0xDC00:02x}"
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def shown(value: str) -> str:
+    """`value` quoted for a message, shortened in the middle when long."""
+    if len(value) <= _MAX_SHOWN:
+        return repr(value)
+    return f"{value[:50]!r}…{value[-20:]!r} ({len(value):,} characters)"
 
 
 def encoding_error(text: str, field: str) -> RecordError | None:
@@ -83,6 +111,28 @@ def encoding_error(text: str, field: str) -> RecordError | None:
         return None
     byte = ord(bad.group()) - 0xDC00
     return RecordError(field, f"not valid UTF-8: byte 0x{byte:02x} at column {bad.start() + 1}", UTF8_HINT)
+
+
+def raw_text_error(text: str, field: str) -> RecordError | None:
+    """encoding_error, or a RecordError naming the first NUL byte: raw text from a file never holds one
+    unless the file is binary or UTF-16, so it is reported rather than trained on."""
+    bad = encoding_error(text, field)
+    if bad is None and "\x00" in text:
+        column = text.index("\x00") + 1
+        bad = RecordError(field, f"contains a NUL byte (0x00) at column {column}", f"remove it; {UTF8_HINT}")
+    return bad
+
+
+def unexpected_error(exc: Exception, field: str = "record") -> RecordError:
+    """A RecordError for an exception no check foresaw, so that one odd record costs only itself."""
+    detail = printable(str(exc))
+    if len(detail) > 200:
+        detail = detail[:200] + "…"
+    return RecordError(
+        field,
+        f"could not be read ({type(exc).__name__}: {detail})",
+        "fix or remove this record; the rest of the file was read",
+    )
 
 
 def check_text(value, field: str, example: str = '"text": "Once upon a time..."') -> str:
@@ -138,8 +188,33 @@ def with_placeholders(text: str, n_images: int, field: str) -> str:
     return text
 
 
+def without_placeholders(text: str, field: str) -> str:
+    """`text` of a record with no image, which must not hold <image>: the model would fill that position
+    with an image that is not there, and training would stop."""
+    if IMAGE_TOKEN in text:
+        raise RecordError(
+            field,
+            f"holds {IMAGE_TOKEN} but the record has no image",
+            f'remove {IMAGE_TOKEN} from the text, or give the record an "image"',
+        )
+    return text
+
+
+def messages_without_placeholders(messages: list[dict]) -> list[dict]:
+    for i, message in enumerate(messages):
+        without_placeholders(message["content"], f"messages[{i}].content")
+    return messages
+
+
 def vqa_messages(messages: list[dict], n_images: int) -> list[dict]:
     """Visual Q&A: the images' placeholders go in the user turns (the first one when none is marked)."""
+    for i, message in enumerate(messages):
+        if message["role"] != "user" and IMAGE_TOKEN in message["content"]:
+            raise RecordError(
+                f"messages[{i}].content",
+                f"a {message['role']} turn holds {IMAGE_TOKEN}",
+                f"only user turns show images; remove {IMAGE_TOKEN} from it",
+            )
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         raise RecordError(

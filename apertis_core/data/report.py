@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .dataset import encode_records
-from .records import Problem, Record
+from .records import Problem, Record, printable
 
 _BAR_WIDTH = 30  # characters for the longest histogram bar in to_text()
 
@@ -21,7 +21,7 @@ class ValidationReport:
 
     @classmethod
     def build(cls, path: str, records: Sequence[Record], problems: list[Problem], tokenizer=None) -> ValidationReport:
-        return cls(path, problems, dataset_stats(records, tokenizer))
+        return cls(printable(path), problems, dataset_stats(records, tokenizer))
 
     @property
     def records(self) -> int:
