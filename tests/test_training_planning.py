@@ -65,7 +65,7 @@ def test_time_budget_plans_the_steps_and_completes_the_schedule(tmp_path, monkey
     """Counted in steps, not seconds: the run takes the steps it planned and ends its schedule there."""
     from apertis_core.training import measure, session, trainer
 
-    clock = TickingClock(0.01)
+    clock = TickingClock(0.05)
     for module in (measure, session, trainer):
         monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=clock.perf_counter, time=time.time))
     run = tiny_run(tmp_path, max_steps=100_000, max_minutes=6.0 / 60, warmup_steps=2, log_every=5)
