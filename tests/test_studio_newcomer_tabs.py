@@ -7,6 +7,8 @@ Handlers are called directly, as in test_studio_tabs.py; one test drives the Cha
 to check that the page shows a message exactly as typed.
 """
 
+import functools
+import importlib
 import json
 import shutil
 import zipfile
@@ -97,6 +99,14 @@ def test_every_layout_the_upload_box_lists_validates_as_its_kind(tmp_path):
     archive = shutil.make_archive(str(tmp_path / "all"), "zip", tmp_path / "all")
     report = validate_dataset(archive, cache_dir=tmp_path / "unzipped")
     assert report.ok and set(report.stats["kinds"]) == kinds
+
+
+@pytest.mark.parametrize("tab", ["dataset", "train", "metrics", "models", "chat"])
+def test_every_tab_opens_with_one_short_help_line(services, tab):
+    module = importlib.import_module(f"studio.tabs.{tab}")
+    build = functools.partial(module.build, timer_s=5.0) if tab in ("train", "metrics") else module.build
+    first_markdown = next(b for b in _components(build, services) if isinstance(b, gr.Markdown))
+    assert first_markdown.value == module.HELP and "\n" not in module.HELP and len(module.HELP) < 300
 
 
 def test_dataset_tab_opens_with_a_help_line_and_the_layout_list(services):

@@ -94,7 +94,12 @@ def metrics_csv(services, run_id: str | None) -> str | None:
     return str(path)
 
 
+HELP = ("Follow your runs as they train: loss, learning rate, speed and sample text, updated live. Pick several "
+        "runs to compare their curves; the configs and a CSV of every value are in the last section.")
+
+
 def build(services, timer_s: float) -> dict[str, Any]:
+    gr.Markdown(HELP)
     choices = run_options(services)
     runs = gr.Dropdown(label="Runs (choose several to overlay)", choices=choices, multiselect=True,
                        value=[choices[0][1]] if choices else [])
