@@ -120,3 +120,21 @@ def test_long_sequences_stay_finite_under_strong_decay():
             block.mixer.A_log.fill_(6.0)  # decays of exp(-400): the naive form would overflow
         out = model(torch.randint(0, 97, (1, 300))).logits
     assert torch.isfinite(out).all()
+
+
+def test_decode_updates_state_in_place_only_without_autograd():
+    model = ApertisModel(tiny_config("apertis-nano")).eval()
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.inference_mode():
+        state = model(ids, state=model.init_state(1)).state
+        before = state[0]["mixer"]["S"]
+        _, stepped = model.step(ids[:, -1], state)
+    assert stepped[0]["mixer"]["S"] is before  # generation: no new state tensors per token
+    state = model(ids, state=model.init_state(1)).state
+    kept = state[0]["mixer"]["S"].clone()
+    model.step(ids[:, -1], state)  # with autograd on, the caller's state is left as it was
+    assert torch.equal(state[0]["mixer"]["S"], kept)
+    with torch.inference_mode():
+        frozen = model(ids, state=model.init_state(1)).state
+    with torch.no_grad():
+        model.step(ids[:, -1], frozen)  # an inference-mode state outside inference mode: copied, no error

@@ -70,7 +70,8 @@ class Block(nn.Module):
     def step(self, x: torch.Tensor, state: dict):
         mixed, mixer_state = self.mixer.step(self.mixer_norm(x), state["mixer"])
         x = x + mixed
-        x = x + self._ffn(self.ffn_norm(x))[0]
+        normed = self.ffn_norm(x)
+        x = x + (self.ffn.step(normed) if isinstance(self.ffn, AdaptiveExpertSystem) else self.ffn(normed))
         new_state = {"mixer": mixer_state}
         if self.strc is not None:
             tracked, new_state["strc"] = self.strc.step(self.strc_norm(x), state["strc"])

@@ -1,9 +1,12 @@
 """Adaptive Expert System: a shared expert plus routed SwiGLU experts with top-k or dynamic routing.
 
-Only the tokens routed to an expert reach it: token-expert assignments are sorted by expert and run as
-one grouped matmul where torch supports it (CUDA, bf16), else as one matmul per expert over its
-contiguous slice. The layer returns its auxiliary loss (load balancing + router z-loss) and keeps
-per-expert utilisation of the last forward for the studio's charts.
+Only the tokens routed to an expert reach it: token-expert assignments are sorted by expert and run either
+as two grouped matmuls ("grouped": counts and offsets stay on the device, so nothing waits for the host;
+the default on CUDA with bf16) or as two matmuls per expert over its contiguous slice ("loop": the
+default elsewhere). Both are selectable on any device (`dispatch`), so tests prove each against the
+per-token reference in `naive.py` on a CPU. The layer returns its auxiliary loss (load balancing +
+router z-loss) and keeps per-expert utilisation of the last forward for the studio's charts. `step`
+serves a few tokens at a time (generation) without sorting, statistics or auxiliary loss.
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ def _grouped_mm():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+DISPATCHES = ("loop", "grouped")
+
+
 def _grouped_mm_applies(x: torch.Tensor) -> bool:
-    """Whether the (bf16-only) grouped kernel serves x: on CUDA, with bf16 inputs or under bf16 autocast."""
+    """Whether the grouped kernel is the default for x: on CUDA (where it is bf16-only), with bf16 inputs or
+    under bf16 autocast. On a CPU torch's grouped kernel runs any dtype but is no faster than the loop."""
     if not x.is_cuda or _grouped_mm() is None or x.shape[-1] % 8:  # rows must be 16-byte aligned
         return False
     if torch.is_autocast_enabled("cuda"):
@@ -63,6 +70,7 @@ class AdaptiveExpertSystem(nn.Module):
         self.shared = (
             GatedFFN(cfg.d_model, width * cfg.n_shared_experts, cfg.ffn_type) if cfg.n_shared_experts else None
         )
+        self.dispatch: str | None = None  # "loop" or "grouped" (DISPATCHES); None: the device's choice
         self.register_buffer("last_utilisation", torch.zeros(cfg.n_experts), persistent=False)
         self.register_buffer("last_experts_per_token", torch.zeros(()), persistent=False)
 
@@ -85,46 +93,65 @@ class AdaptiveExpertSystem(nn.Module):
 
     def _dispatch(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         n_tokens, k = experts.shape
-        token_of_slot = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
-        slot_weight, slot_expert = weights.flatten(), experts.flatten()
-        if self.routing == "dynamic":  # dropped slots never reach an expert
-            kept = slot_weight > 0
-            token_of_slot, slot_weight, slot_expert = token_of_slot[kept], slot_weight[kept], slot_expert[kept]
-        order = slot_expert.argsort(stable=True)
-        token_of_slot, slot_weight = token_of_slot[order], slot_weight[order]
-        counts = torch.bincount(slot_expert, minlength=self.n_experts)
+        grouped = (self.dispatch or ("grouped" if _grouped_mm_applies(flat) else "loop")) == "grouped"
+        slot_weight, slot_expert = weights.flatten(), experts.flatten()  # (N k,)
+        kept = slot_weight > 0 if self.routing == "dynamic" else None  # dynamic routing drops weight-0 slots
+        counts = self._count(slot_expert, kept)
         with torch.no_grad():
             self.last_utilisation.copy_(counts.float() / max(n_tokens, 1))
             self.last_experts_per_token.copy_(counts.sum().float() / max(n_tokens, 1))
+        token_of_slot = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
+        if kept is not None and not grouped:  # dropped slots never reach an expert
+            token_of_slot, slot_weight, slot_expert = token_of_slot[kept], slot_weight[kept], slot_expert[kept]
+        elif kept is not None:  # grouped: shapes stay fixed (no host sync); dropped slots run with weight 0
+            counts = self._count(slot_expert, None)
+        order = slot_expert.argsort(stable=True)
+        token_of_slot, slot_weight = token_of_slot[order], slot_weight[order]
         inputs = flat[token_of_slot]  # (M, D), grouped by expert
-        outputs = self._experts(inputs, counts)
+        if grouped:
+            outputs = self._experts_grouped(inputs, counts, slot_weight)
+        else:
+            outputs = self._experts(inputs, counts, slot_weight)
         combined = flat.new_zeros(flat.shape, dtype=outputs.dtype)
-        return combined.index_add_(0, token_of_slot, outputs * slot_weight[:, None].to(outputs.dtype))
+        return combined.index_add_(0, token_of_slot, outputs)
 
-    def _experts(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Run each expert's SwiGLU on its contiguous slice of `inputs` (M, D)."""
-        if _grouped_mm_applies(inputs):
-            return self._experts_grouped(inputs.to(torch.bfloat16), counts)
+    def _count(self, slot_expert: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        """Slots per expert (E,), counting only `kept` ones when given, computed on the device (bincount
+        would wait for the host to size its output)."""
+        ones = kept.long() if kept is not None else torch.ones_like(slot_expert)
+        return torch.zeros(self.n_experts, dtype=torch.long, device=slot_expert.device).index_add_(0, slot_expert, ones)
+
+    def _experts(self, inputs: torch.Tensor, counts: torch.Tensor, slot_weight: torch.Tensor) -> torch.Tensor:
+        """Run each expert's SwiGLU on its contiguous slice of `inputs` (M, D), outputs scaled by the
+        slots' routing weights (folded into the hidden activations, which are narrower than the output)."""
         # One unbind per weight, not an index per expert: an index gives the weight a full-size zero
         # gradient per expert in backward (E fills and adds of the whole tensor); unbind stacks once.
         gate_up, down = self.gate_up.to(inputs.dtype).unbind(0), self.down.to(inputs.dtype).unbind(0)
+        sizes = counts.tolist()
+        scale = slot_weight[:, None].to(inputs.dtype).split(sizes)
         pieces = []
-        for expert, chunk in enumerate(inputs.split(counts.tolist())):
+        # split, not slicing: a slice's backward fills a zero tensor of the whole input per expert
+        for expert, chunk in enumerate(inputs.split(sizes)):
             if chunk.shape[0] == 0:
                 continue
             gate, up = (chunk @ gate_up[expert]).chunk(2, dim=-1)
-            pieces.append((self.activation(gate) * up) @ down[expert])
-        return torch.cat(pieces) if pieces else inputs.new_zeros(0, inputs.shape[-1])
+            pieces.append((self.activation(gate) * up * scale[expert]) @ down[expert])
+        if not pieces:
+            return inputs.new_zeros(0, self.down.shape[-1])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
-    def _experts_grouped(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The same with two grouped matmuls (bf16, CUDA). Operands: inputs (M, K) row-major, weights
+    def _experts_grouped(self, inputs: torch.Tensor, counts: torch.Tensor, slot_weight: torch.Tensor) -> torch.Tensor:
+        """The same with two grouped matmuls, offsets computed on the device. On CUDA the kernel is
+        bf16-only; on a CPU it runs in the inputs' dtype. Operands: inputs (M, K) row-major, weights
         (E, K, N) as stored (x @ W layout), offsets = end row of each expert's slice (int32). The kernel
         needs 16-byte aligned row strides, so an expert width that is not a multiple of 8 is padded with
         zero hidden units (they add nothing and their gradients are dropped)."""
         grouped_mm = _grouped_mm()
+        dtype = torch.bfloat16 if inputs.is_cuda else inputs.dtype
+        inputs = inputs.to(dtype)
         width = self.down.shape[1]
         pad = -width % 8
-        gate_up, down = self.gate_up.to(torch.bfloat16), self.down.to(torch.bfloat16)
+        gate_up, down = self.gate_up.to(dtype), self.down.to(dtype)
         if pad:
             gate, up = gate_up.chunk(2, dim=-1)  # (E, D, W) each
             gate_up = torch.cat([F.pad(gate, (0, pad)), F.pad(up, (0, pad))], dim=-1)  # (E, D, 2 (W + pad))
@@ -132,7 +159,37 @@ class AdaptiveExpertSystem(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         hidden = grouped_mm(inputs, gate_up, offs=offsets)  # (M, 2 (W + pad))
         gate, up = hidden.chunk(2, dim=-1)
-        return grouped_mm(self.activation(gate) * up, down, offs=offsets)  # (M, D)
+        scaled = self.activation(gate) * up * slot_weight[:, None].to(dtype)
+        return grouped_mm(scaled, down, offs=offsets)  # (M, D)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, D) for a few tokens (generation) -> y (N, D): each token through its own experts, no
+        sorting, no statistics, no auxiliary loss. With the "loop" dispatch the experts are picked by index
+        on the host; with "grouped" their weights are gathered on the device (no host sync, so the step
+        can be graphed)."""
+        if x.shape[0] * self.top_k > self.n_experts:  # a wide batch: the sorted dispatch is cheaper
+            return self.forward(x)[0]
+        probs = self.router(x).float().softmax(-1)  # (N, E); no router noise: this is inference
+        weights, experts = route(probs, self.top_k, self.routing, self.threshold)  # (N, k)
+        if (self.dispatch or ("grouped" if _grouped_mm_applies(x) else "loop")) == "loop":
+            rows = []
+            for token, chosen in enumerate(experts.tolist()):
+                row, out = x[token : token + 1], None
+                for slot, expert in enumerate(chosen):
+                    gate, up = (row @ self.gate_up[expert].to(x.dtype)).chunk(2, dim=-1)
+                    hidden = self.activation(gate) * up * weights[token, slot].to(x.dtype)
+                    term = hidden @ self.down[expert].to(x.dtype)
+                    out = term if out is None else out + term
+                rows.append(out)
+            routed = torch.cat(rows) if len(rows) > 1 else rows[0]
+        else:
+            gate_up = self.gate_up[experts].to(x.dtype)  # (N, k, D, 2W)
+            gate, up = (x[:, None, None, :] @ gate_up).chunk(2, dim=-1)  # (N, k, 1, W)
+            hidden = self.activation(gate) * up * weights[..., None, None].to(x.dtype)
+            routed = (hidden @ self.down[experts].to(x.dtype)).sum(1)[:, 0]  # (N, D)
+        if self.shared is not None:
+            routed = routed + self.shared(x)
+        return routed
 
     def _aux_loss(self, logits, probs, weights, experts) -> torch.Tensor:
         # Switch-Transformer balance loss: E * sum_e (share of assignments to e) * (mean router prob of e).

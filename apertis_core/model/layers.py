@@ -25,6 +25,15 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def updatable_in_place(state: torch.Tensor) -> bool:
+    """Whether a decode step may overwrite `state` instead of allocating a new one: not when autograd
+    records (it may need the old value), nor for an inference-mode tensor outside inference mode (torch
+    forbids it)."""
+    if torch.is_grad_enabled():
+        return False
+    return torch.is_inference_mode_enabled() or not state.is_inference()
+
+
 def mark_residual_output(linear: nn.Linear) -> nn.Linear:
     """Flag a projection that writes into the residual stream, so init scales it down with depth."""
     linear.is_residual_output = True
@@ -73,6 +82,8 @@ class CausalDepthwiseConv(nn.Module):
     """Short causal depthwise convolution over time with an explicit state for step-by-step decoding.
 
     The state holds the last (kernel - 1) inputs, so generation reproduces the parallel output exactly.
+    SLA runs the parallel form inside its fused layer function (`sla._causal_conv_into`, same weight and
+    state); `forward` here is the plain version.
     """
 
     def __init__(self, channels: int, kernel: int):
