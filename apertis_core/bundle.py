@@ -1,8 +1,11 @@
 """Model bundles: a folder with model.safetensors, config.json, tokenizer.json and a README.md model card.
 
 Saving takes the plain module (no DDP or torch.compile wrappers), stores tied weights once and writes the
-whole folder atomically. Loading never unpickles anything, checks every tensor name and shape against the
-config, and checks that the tokenizer and the config agree.
+whole folder atomically. Loading never unpickles anything and checks everything before it allocates: the
+files are regular and of a sane size, the config's values are sane and the model fits in free memory
+(apertis_core.sizing), the tokenizer agrees with the config, and the weights file's header names every
+tensor with the shape the config gives it. A damaged or hostile bundle is refused with one message that
+says what is wrong and what to do.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -23,13 +30,22 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from . import sizing
 from .configio import ConfigError
+from .data.archive import ArchivePolicy, check_zip, safe_extract
 from .fileio import atomic_write_bytes, atomic_write_text
 from .model import ApertisModel, ModelConfig
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1  # bumped when the folder layout or the weight names change incompatibly
 BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+# Other files a bundle or checkpoint folder may carry that are safe to keep (text and JSON, never pickles):
+# the model card and a checkpoint's step and losses. An import keeps these and nothing else.
+BUNDLE_EXTRAS = ("README.md", "meta.json")
+MAX_CONFIG_BYTES = 1 << 20  # config.json holds a few dozen settings (~2 kB)
+MAX_TOKENIZER_BYTES = 128 << 20  # a 65,536-token BPE tokenizer.json is ~5 MB
+MAX_TEXT_BYTES = 1 << 20  # README.md and meta.json
+_FILE_LIMITS = {"config.json": MAX_CONFIG_BYTES, "tokenizer.json": MAX_TOKENIZER_BYTES, "model.safetensors": None}
 
 
 class BundleError(ValueError):
@@ -97,31 +113,121 @@ def save_weights(path: str | Path, model: nn.Module) -> None:
 
 
 def load_weights(path: str | Path, model: nn.Module) -> None:
-    """Strictly load safetensors weights into `model`, with an error that says what does not fit."""
+    """Strictly load safetensors weights into `model`, with an error that says what does not fit.
+
+    The file's header is checked against the model first (names, shapes, types, where the data lies), so a
+    file that does not fit is refused before its tensors are read into memory."""
     path = Path(path)
+    module = unwrap_model(model)
+    groups, _ = _check_header(path, _read_header(path), module)
     try:
         saved = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise BundleError(f"{path} is damaged or not a safetensors file ({exc}); re-export the model") from exc
-    module = unwrap_model(model)
+    module.load_state_dict({name: saved[stored] for stored, names in groups.items() for name in names}, strict=True)
+
+
+# Bytes per element of the safetensors dtypes; weights must be stored as one of the floating ones.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+MAX_HEADER_BYTES = 16 << 20  # the largest model here lists a few hundred tensors in ~50 kB of header
+
+
+def _damaged(path: Path, detail: str) -> BundleError:
+    return BundleError(f"{path} is damaged or not a safetensors file ({detail}); re-export the model")
+
+
+def _read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensors a safetensors file declares ({name: {dtype, shape, data_offsets}}), checked for sense
+    against the file's size: nothing is read beyond the header, so a lying header costs nothing."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
+                raise _damaged(path, f"its header claims {length:,} bytes in a {size:,}-byte file")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read ({exc.strerror or exc}); check the file") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _damaged(path, "its header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _damaged(path, "its __metadata__ is not a mapping of text")
+    _check_layout(path, header, size - 8 - length)
+    return header
+
+
+def _check_layout(path: Path, header: dict[str, Any], data_bytes: int) -> None:
+    """Each tensor's entry is well formed, its byte range matches its shape and type, and the ranges tile
+    the data area exactly (as safetensors itself requires)."""
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _damaged(path, f"tensor {name!r} is not described by dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_BYTES or not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+            raise _damaged(path, f"tensor {name!r} has an unreadable dtype, shape or data_offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise _damaged(path, f"tensor {name!r}: its {dtype} shape {tuple(shape)} does not match its "
+                                 f"{end - begin:,} bytes of data")
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise _damaged(path, "its tensors overlap or leave gaps in the data")
+        position = end
+    if position != data_bytes:
+        raise _damaged(path, f"its header describes {position:,} bytes of data but the file holds {data_bytes:,}")
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _state_groups(module: nn.Module) -> dict[str, list[str]]:
+    """{first name: every state-dict name of that tensor}: tied weights share one entry. Found by identity
+    of the parameters, so it also holds for a model built on the meta device (no storage to compare)."""
+    keys = module.state_dict().keys()
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    first: dict[int, str] = {}
+    groups: dict[str, list[str]] = {}
+    for name, tensor in named:
+        if name in keys:
+            groups.setdefault(first.setdefault(id(tensor), name), []).append(name)
+    return groups
+
+
+def _check_header(path: Path, header: dict[str, dict[str, Any]], module: nn.Module) -> tuple[dict[str, list[str]], int]:
+    """({stored name: the state-dict names it fills}, bytes of data) once the file's tensors fit `module`
+    (real or on the meta device); BundleError naming what does not fit otherwise."""
     expected = module.state_dict()
-    groups: dict[str, list[str]] = {}  # tied tensors: any one of their names may be the stored one
-    for name, first in _canonical_names(expected).items():
-        groups.setdefault(first, []).append(name)
-    source = {first: next((n for n in names if n in saved), None) for first, names in groups.items()}
+    groups = _state_groups(module)  # tied tensors: any one of their names may be the stored one
+    source = {first: next((n for n in names if n in header), None) for first, names in groups.items()}
     problems = [f"missing {first}" for first, found in source.items() if found is None]
-    problems += [f"unexpected {name}" for name in sorted(saved.keys() - expected.keys())]
+    problems += [f"unexpected {name}" for name in sorted(header.keys() - expected.keys())]
     problems += [
-        f"{found}: saved {tuple(saved[found].shape)}, config needs {tuple(expected[found].shape)}"
+        f"{found}: saved {tuple(header[found]['shape'])}, config needs {tuple(expected[found].shape)}"
         for found in source.values()
-        if found is not None and saved[found].shape != expected[found].shape
+        if found is not None and tuple(header[found]["shape"]) != tuple(expected[found].shape)
+    ]
+    problems += [  # weights are floating point; a few buffers (BatchNorm's batch counter) are integers
+        f"{found}: stored as {header[found]['dtype']}, the model holds it as {str(expected[found].dtype).removeprefix('torch.')}"
+        for found in source.values()
+        if found is not None and (header[found]["dtype"] in _FLOAT_DTYPES) != expected[found].dtype.is_floating_point
     ]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise BundleError(f"{path} was saved by a different config than the one beside it ({shown}); re-export it")
-    module.load_state_dict(
-        {name: saved[source[first]] for first, names in groups.items() for name in names}, strict=True
-    )
+    data = sum(math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]] for entry in header.values())
+    return {found: groups[first] for first, found in source.items()}, data
 
 
 # ---- bundles ----------------------------------------------------------------------------------------
@@ -157,46 +263,239 @@ def write_model_files(directory: Path, model: nn.Module, tokenizer: Tokenizer) -
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from a bundle's or checkpoint's config.json."""
+    """ModelConfig from a bundle's or checkpoint's config.json, refusing absurd values (a negative width, a
+    million layers, text where a number belongs) before anything is built from them."""
     path = Path(path)
+    return model_config_from_json(_read_small(path, MAX_CONFIG_BYTES), str(path))
+
+
+def model_config_from_json(raw: bytes, where: str) -> ModelConfig:
+    """ModelConfig from config.json's bytes (`where` names the file in messages); BundleError if they are not
+    sane model settings."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise BundleError(f"{where} is larger than {MAX_CONFIG_BYTES // 1024:,} kB, far more than model settings "
+                          "take; the file is damaged or not from an Apertis bundle")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path} cannot be read as JSON ({exc}); re-export the model") from exc
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, 5,000-digit numbers
+        raise BundleError(f"{where} cannot be read as JSON ({_short(exc)}); re-export the model") from exc
     if not isinstance(data, dict):
-        raise BundleError(f"{path} must hold a JSON object of model settings")
+        raise BundleError(f"{where} must hold a JSON object of model settings; re-export the model")
     version = data.pop("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has format_version {version!r}; this Apertis reads up to {FORMAT_VERSION}, update it"
-        )
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        shown = version if isinstance(version, int) and abs(version) < 10**9 else type(version).__name__
+        raise BundleError(f"{where} has format_version {shown!r}; this Apertis reads up to {FORMAT_VERSION}, update it")
     try:
-        return ModelConfig.from_dict(data)
+        sizing.check_model_mapping(data, where=where)
+        config = ModelConfig.from_dict(data)
+        sizing.check_config(config, where=where)
     except ConfigError as exc:
-        raise BundleError(f"{path}: {exc}") from exc
+        raise BundleError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from exc
+    except (ArithmeticError, TypeError) as exc:  # a combination the config's own checks did not foresee
+        raise BundleError(f"{where}: these model settings cannot build a model ({exc}); re-export the model") from exc
+    return config
 
 
-def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ApertisModel, Tokenizer]:
-    """(model in eval mode on `device`, tokenizer) from a bundle or checkpoint folder."""
+def _read_small(path: Path, limit: int) -> bytes:
+    """At most limit + 1 bytes of `path`: enough to tell it is too large without reading it all."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read ({exc.strerror or exc}); re-export the model") from exc
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bundle_file(directory: Path, name: str, limit: int | None = None) -> Path:
+    """`directory/name`, once it is a regular file (a link to one is fine) no larger than `limit`."""
+    path = directory / name
+    try:
+        info = path.stat()
+    except OSError:
+        raise BundleError(
+            f"{directory} has no {name}; a model folder needs {', '.join(BUNDLE_FILES)}"
+        ) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BundleError(f"{path} is not a regular file (a folder, device or pipe); a bundle's {name} must be "
+                          "a file. Re-export the model")
+    if limit is not None and info.st_size > limit:
+        raise BundleError(f"{path} is {sizing.human_bytes(info.st_size)}, more than a {name} can be "
+                          f"({sizing.human_bytes(limit)}); the file is damaged or not from an Apertis bundle")
+    return path
+
+
+def check_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, Tokenizer]:
+    """(config, tokenizer) of a bundle or checkpoint folder once everything about it has been checked
+    without building the model: its files, config values, the memory it needs on `device`, the tokenizer
+    against the config, and the weights file's header against the config's shapes. BundleError (a
+    ValueError) saying what is wrong and what to do otherwise."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"{directory}: no such model folder")
-    for name in BUNDLE_FILES:
-        if not (directory / name).is_file():
-            raise BundleError(f"{directory} has no {name}; a model folder needs {', '.join(BUNDLE_FILES)}")
-    config = read_model_config(directory / "config.json")
+    files = {name: _bundle_file(directory, name, limit) for name, limit in _FILE_LIMITS.items()}
+    config = read_model_config(files["config.json"])
     try:
-        tokenizer = Tokenizer.load(directory / "tokenizer.json")
+        sizing.check_loadable(config, device, where=str(files["config.json"]))
+    except sizing.ModelSizeError as exc:
+        raise BundleError(f"{directory}: {exc}") from exc
+    tokenizer = _read_tokenizer(files["tokenizer.json"], config)
+    check_weights_file(files["model.safetensors"], config)
+    return config, tokenizer
+
+
+def _read_tokenizer(path: Path, config: ModelConfig) -> Tokenizer:
+    directory = path.parent
+    try:
+        tokenizer = Tokenizer.load(path)
     except ConfigError as exc:
-        raise BundleError(str(exc)) from exc
+        raise BundleError(_short(exc, 400)) from exc
     if tokenizer.vocab_size != config.vocab_size:
         raise BundleError(
             f"{directory}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json says vocab_size "
             f"{config.vocab_size}; the files come from different models, re-export it"
         )
+    if config.image_encoder != "none" and config.image_token_id not in (-1, tokenizer.image_id):
+        raise BundleError(
+            f"{directory}: config.json marks images with token {config.image_token_id} but tokenizer.json's "
+            f"<image> is {tokenizer.image_id}; the files come from different models, re-export it"
+        )
+    return tokenizer
+
+
+def check_weights_file(path: str | Path, config: ModelConfig) -> int:
+    """Check a weights file's header against `config` (names, shapes, types, layout) without reading its
+    tensors, and that this computer can hold them beside the model while loading; returns the data bytes."""
+    path = Path(path)
+    header = _read_header(path)
+    with torch.device("meta"):  # shapes only: the meta device allocates nothing
+        skeleton = ApertisModel(config)
+    _, data_bytes = _check_header(path, header, skeleton)
+    if data_bytes > sizing.weight_bytes(config):  # stored wider than fp32: loading needs more than planned
+        try:
+            sizing.check_fits(sizing.weight_bytes(config) + data_bytes, "cpu", f"Loading {path}",
+                              "Close other programs, or re-export the model in fp32.")
+        except sizing.ModelSizeError as exc:
+            raise BundleError(str(exc)) from exc
+    return data_bytes
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ApertisModel, Tokenizer]:
+    """(model in eval mode on `device`, tokenizer) from a bundle or checkpoint folder. Everything is checked
+    first (check_bundle), so a bundle that is damaged, hostile or too big is refused before it allocates."""
+    directory = Path(directory)
+    config, tokenizer = check_bundle(directory, device)
     model = ApertisModel(config)
     load_weights(directory / "model.safetensors", model)
     return model.to(device).eval(), tokenizer
+
+
+# ---- bundle zips -------------------------------------------------------------------------------------
+# One archive policy for every zip the app opens (apertis_core.data.archive): paths, links, members, sizes
+# and expansion ratio. A bundle has at most a few GB of weights, which compress hardly at all.
+IMPORT_POLICY = ArchivePolicy(max_members=10_000, max_total_bytes=4 << 30)
+_KEPT_FILES = (*BUNDLE_FILES, *BUNDLE_EXTRAS)
+_IGNORED_FOLDERS = ("__MACOSX",)  # what macOS's Finder adds to every zip it makes
+
+
+def unpack_bundle(zip_path: str | Path, dest: str | Path, device: str | torch.device = "cpu",
+                  work_dir: str | Path | None = None) -> list[str]:
+    """Unpack a bundle zip into the new folder `dest` and return the names of the files left out.
+
+    The zip keeps to IMPORT_POLICY; its bundle is at the top or in one folder; its config is checked, and
+    the model sized against the free memory of `device`, before anything is extracted; only the bundle's
+    files (model.safetensors, config.json, tokenizer.json, README.md, meta.json) are written, never pickles
+    or anything else; and the unpacked bundle passes check_bundle before it takes the name `dest`. A refused
+    zip raises BundleError or ArchiveError (both ValueErrors) and leaves nothing behind. `work_dir` (by
+    default beside `dest`) is where the files wait until they are checked.
+    """
+    zip_path, dest = Path(zip_path), Path(dest)
+    if dest.exists():
+        raise FileExistsError(17, "the folder to import into already exists", str(dest))
+    members = check_zip(zip_path, IMPORT_POLICY)
+    folder = _bundle_folder(members)
+    files = {_member_path(m).name: m for m in members if not m.is_dir() and _member_path(m).parent == folder}
+    config = _zip_config(zip_path, files["config.json"])
+    try:
+        total = sizing.check_loadable(config, device, where=f"{zip_path.name}: config.json")
+    except sizing.ModelSizeError as exc:
+        raise BundleError(str(exc)) from exc
+    _check_member_sizes(zip_path.name, files, total)
+    kept = {folder / name for name, info in files.items() if name in _KEPT_FILES and _fits(name, info)}
+    work_root = Path(work_dir) if work_dir is not None else dest.parent
+    work_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=work_root))
+    try:
+        unpacked = safe_extract(zip_path, work / "zip", IMPORT_POLICY, keep=lambda name: name in kept) / folder
+        check_bundle(unpacked, device)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(unpacked, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return sorted(str(_member_path(m)) for m in members if not m.is_dir() and _member_path(m) not in kept
+                  and _member_path(m).parts[:1] not in [(name,) for name in _IGNORED_FOLDERS])
+
+
+def _member_path(info: zipfile.ZipInfo) -> PurePosixPath:
+    return PurePosixPath(info.filename.replace("\\", "/"))
+
+
+def _bundle_folder(members: list[zipfile.ZipInfo]) -> PurePosixPath:
+    """Where in the zip the bundle's files are: its top, or one folder (a zipped bundle folder)."""
+    files = {_member_path(m) for m in members if not m.is_dir()}
+    folders = sorted(
+        path.parent for path in files
+        if path.name == "config.json" and len(path.parent.parts) <= 1 and path.parts[0] not in _IGNORED_FOLDERS
+        and all(path.parent / name in files for name in BUNDLE_FILES)
+    )
+    if not folders:
+        raise BundleError(
+            f"no model in the zip: it needs {', '.join(BUNDLE_FILES)} at its top or in one folder. Export the "
+            "model from a studio's Models tab or with `apertis export`, and zip that folder"
+        )
+    if len(folders) > 1:
+        shown = ", ".join(str(f) if str(f) != "." else "(top)" for f in folders[:5])
+        raise BundleError(f"the zip holds {len(folders)} models ({shown}); import them one zip at a time")
+    return folders[0]
+
+
+def _zip_config(zip_path: Path, info: zipfile.ZipInfo) -> ModelConfig:
+    """The bundle's config read straight from the zip (nothing extracted yet)."""
+    where = f"{zip_path.name}: {info.filename}"
+    if info.file_size > MAX_CONFIG_BYTES:
+        raise BundleError(f"{where} is {sizing.human_bytes(info.file_size)}, far more than model settings take; "
+                          "the zip is damaged or not an Apertis bundle")
+    try:
+        with zipfile.ZipFile(zip_path) as archive, archive.open(info) as member:
+            raw = member.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise BundleError(f"{where} cannot be read from the zip ({exc}); re-create the zip") from exc
+    return model_config_from_json(raw, where)
+
+
+def _check_member_sizes(zip_name: str, files: dict[str, zipfile.ZipInfo], parameters: int) -> None:
+    """Refuse, before extracting, weights or a tokenizer larger than the config allows them to be."""
+    weights = files["model.safetensors"].file_size
+    most = parameters * 8 + (1 << 20)  # fp64 weights, the widest a bundle holds, and a header of ~100 bytes a tensor
+    if weights > most:
+        raise BundleError(
+            f"{zip_name}: model.safetensors is {sizing.human_bytes(weights)}, more than the {parameters:,} "
+            f"parameters its config.json describes can take ({sizing.human_bytes(most)}); the files do not "
+            "belong together, re-export the model"
+        )
+    tokenizer = files["tokenizer.json"].file_size
+    if tokenizer > MAX_TOKENIZER_BYTES:
+        raise BundleError(f"{zip_name}: tokenizer.json is {sizing.human_bytes(tokenizer)}, more than a tokenizer "
+                          f"can be ({sizing.human_bytes(MAX_TOKENIZER_BYTES)}); re-export the model")
+
+
+def _fits(name: str, info: zipfile.ZipInfo) -> bool:
+    """Whether a file the bundle needs, or a small text file it may carry, is kept; an oversized card or
+    meta file is left out (the model runs without it)."""
+    return name in BUNDLE_FILES or info.file_size <= MAX_TEXT_BYTES
 
 
 # ---- model cards ------------------------------------------------------------------------------------

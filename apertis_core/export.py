@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .bundle import BUNDLE_FILES, atomic_directory, card_title, load_bundle, save_bundle
+from .bundle import BUNDLE_FILES, MAX_TEXT_BYTES, atomic_directory, card_title, load_bundle, save_bundle
 from .fileio import atomic_write_text
 from .model import ApertisModel, ModelConfig
 
@@ -75,18 +75,25 @@ def _card_facts(model_dir: Path) -> dict[str, Any]:
     meta, readme = model_dir / "meta.json", model_dir / "README.md"
     if meta.is_file():
         try:
-            data = json.loads(meta.read_text(encoding="utf-8"))
-        except ValueError:
+            data = json.loads(_read_text(meta))
+        except (ValueError, RecursionError):  # damaged: the card is made without its facts
             data = {}
         if isinstance(data, dict):
             facts.update({k: v for k, v in data.items() if isinstance(v, (int, float, str)) and v is not None})
     elif readme.is_file():
         computed = {"preset", "parameters", "layers x width", "vocabulary", "images", "date", "exported from"}
-        for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in _read_text(readme).splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if line.startswith("|") and len(cells) == 2 and cells[0] not in computed and set(cells[0]) - set("-"):
                 facts[cells[0]] = cells[1]
     return facts
+
+
+def _read_text(path: Path) -> str:
+    """The first MAX_TEXT_BYTES of a card or meta file: a card's facts are at its top, and a file of
+    gigabytes (damaged, or made to exhaust memory) must not be read whole."""
+    with path.open("rb") as handle:
+        return handle.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace")
 
 
 # ---- Hugging Face Llama -----------------------------------------------------------------------------

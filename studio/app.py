@@ -96,8 +96,8 @@ def launch(workspace: Path, host: str, port: int, auth: tuple[str, str] | None, 
     app.queue(default_concurrency_limit=4)
     app.launch(
         server_name=host, server_port=port, auth=auth, inbrowser=False, share=False, prevent_thread_lock=True,
-        allowed_paths=[str(services.store.root)], max_file_size=max_upload, enable_monitoring=False,
-        footer_links=["api"], show_error=True, quiet=True, ssr_mode=False,
+        max_file_size=max_upload, enable_monitoring=False, footer_links=["api"], show_error=True, quiet=True,
+        ssr_mode=False, **serving_options(services.store, auth is not None),
     )
     threading.Thread(target=_prepare_torch, name="prepare-torch", daemon=True).start()
     if not shutdown.event.is_set():  # a Ctrl+C during start-up: no ready line, no browser, straight to the end
@@ -107,6 +107,25 @@ def launch(workspace: Path, host: str, port: int, auth: tuple[str, str] | None, 
             webbrowser.open(url)
     reason = shutdown.wait()
     say(close_studio(services, app, reason))
+
+
+def serving_options(store: Store, throttle_logins: bool) -> dict:
+    """What the server may serve, as launch() takes it. Gradio copies each file a handler returns into its
+    upload folder and serves it from there, and copies only from `allowed_paths`: the folders handlers return
+    files from (dataset previews, exports). StudioGuard then serves from the upload folder alone, so nothing
+    else in the workspace (runs, models, the registry) is ever downloadable; the registry is also blocked
+    outright, which stops it even being copied. With a password, StudioGuard throttles sign-in attempts."""
+    from starlette.middleware import Middleware
+
+    from .security import REGISTRY_FILES, LoginThrottle, StudioGuard
+
+    returned_from = [store.datasets_dir, store.tmp_dir / "unzipped", store.tmp_dir / "exports"]
+    throttle = LoginThrottle() if throttle_logins else None
+    return {
+        "allowed_paths": [str(folder) for folder in returned_from],
+        "blocked_paths": [str(store.root / name) for name in REGISTRY_FILES],
+        "app_kwargs": {"middleware": [Middleware(StudioGuard, throttle=throttle)]},
+    }
 
 
 def _url_host(host: str) -> str:

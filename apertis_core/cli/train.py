@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.more < 0:
         raise ValueError(f"--more must be a positive number of steps, got {args.more}")
     run_config, resume = load_run_config(args)
+    check_memory(run_config, resume)  # before the plan: its timed steps build the model
     plan = plan_run(run_config, measure=not args.no_plan)
     if resume:
         plan = resumed_plan(plan, resume, args.more)
@@ -76,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
 
 def load_run_config(args: argparse.Namespace) -> tuple[RunConfig, str | None]:
     """The RunConfig with every override applied, and the checkpoint or run folder to resume from."""
-    from ..training import RunConfig
-
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out_dir={args.out}")
@@ -88,15 +87,43 @@ def load_run_config(args: argparse.Namespace) -> tuple[RunConfig, str | None]:
             raise FileNotFoundError(
                 2, "not a run folder (no run.yaml in it); give a config file or a run folder", str(source)
             )
-        config = RunConfig.load(source / "run.yaml", overrides)
+        config = read_run_config(source / "run.yaml", overrides)
         resume = resume or str(source)
     elif not source.is_file():
         raise FileNotFoundError(2, "no such config file", str(source))
     else:
-        config = RunConfig.load(source, overrides)
+        config = read_run_config(source, overrides)
     if args.more and not resume:
         resume = config.out_dir  # "train N more" continues the run in the config's folder
     return config, resume
+
+
+def read_run_config(path: Path, overrides: list[str]) -> RunConfig:
+    """RunConfig.load, with the model settings checked for absurd values first (n_heads 0, a negative or
+    million-wide d_model), so they are refused with a message rather than failing inside the config."""
+    from ..configio import read_mapping
+    from ..sizing import check_model_mapping
+    from ..training import RunConfig
+    from ..training.config import merge_overrides
+
+    mapping = merge_overrides(read_mapping(path), overrides)
+    if isinstance(mapping.get("model"), dict):
+        check_model_mapping(mapping["model"], where=f"{path}: model")
+    return RunConfig.from_dict(mapping)
+
+
+def check_memory(run_config: RunConfig, resume: str | None) -> None:
+    """Refuse a run whose model is absurd or will not fit in free memory, before anything is built. A resumed
+    run trains its checkpoint's model, so that is the one sized."""
+    from ..sizing import check_run
+
+    model = None
+    if resume:
+        from ..bundle import read_model_config
+        from ..training.checkpoint import resolve_checkpoint
+
+        model = read_model_config(resolve_checkpoint(resume) / "config.json")
+    check_run(run_config, model)
 
 
 def resumed_plan(plan, resume: str, more: int):

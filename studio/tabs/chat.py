@@ -206,8 +206,12 @@ def chat(services, message, history, model_id, system, temperature, top_k, top_p
 
     try:
         model, tokenizer = services.models.get(row["path"])
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a refused bundle; a broken torch install too
+        yield history, f"Cannot load {row['name']}: {exc}"
+        return
+    try:
         ids, images = build_prompt(tokenizer, model, system or "", history)
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a broken torch install too
+    except (OSError, ValueError, RuntimeError) as exc:
         yield history, f"Cannot answer: {exc}"
         return
     config = GenerationConfig(max_new_tokens=int(max_new), temperature=float(temperature), top_k=int(top_k),
@@ -258,7 +262,12 @@ def load_conversation(path: str | None) -> tuple[Any, Any, str]:
         return gr.skip(), gr.skip(), f"Not a saved conversation ({exc}); choose a .json file saved from this tab."
 
 
+HELP = ("Talk to a model: pick it, type, press Enter. Attach a picture with the clip to ask about it (image "
+        "models only). Tick Side by side to ask two models the same thing.")
+
+
 def build(services) -> dict[str, Any]:
+    gr.Markdown(HELP)
     choices = model_choices(services)
     ids = [model_id for _, model_id in choices]
     with gr.Row():

@@ -22,7 +22,6 @@ import gradio as gr
 from ..jobs import PACKAGE_PARENT
 from ..store import new_id
 
-MAX_IMPORT_BYTES = 4 * 2**30  # an unzipped bundle larger than this is refused (zip bombs)
 BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 TABLE_HEADERS = ["model", "kind", "created", "id"]
 SHOW_CHECKPOINTS = "models.show_checkpoints"  # the toggle, kept in the workspace's settings across restarts
@@ -253,7 +252,11 @@ def export_zip(services, model_id: str | None) -> str | None:
     folder.mkdir(parents=True, exist_ok=True)
     source, card = Path(row["path"]), None
     if row["kind"] == "checkpoint":
-        source = _checkpoint_bundle(services, row, folder / f"{row['id']}-bundle")
+        try:
+            source = _checkpoint_bundle(services, row, folder / f"{row['id']}-bundle")
+        except (OSError, ValueError) as exc:  # a damaged checkpoint, or one too big to load here
+            gr.Warning(f"Cannot export {row['name']}: {exc}")
+            return None
     elif (source / "README.md").is_file():
         card = show_card(services, row["id"])  # as the tab shows it: the run's name, the dataset's, no paths
     name = re.sub(r"[^\w.-]+", "_", row["name"]).strip("_") or "model"
@@ -281,37 +284,44 @@ def _zip_bundle(folder: Path, archive: Path, card: str | None) -> Path:
     return archive
 
 
-def _safe_extract(archive: Path, dest: Path) -> Path:
-    with zipfile.ZipFile(archive) as zf:
-        members = zf.infolist()
-        if sum(m.file_size for m in members) > MAX_IMPORT_BYTES:
-            raise ValueError("the zip unpacks to more than 4 GiB; that is not a small-model bundle")
-        for m in members:
-            target = (dest / m.filename).resolve()
-            if not target.is_relative_to(dest.resolve()):
-                raise ValueError(f"the zip entry {m.filename!r} points outside its folder; refusing to unpack it")
-        zf.extractall(dest)
-    found = [p for p in [dest, *dest.glob("*/")] if _is_model_folder(p)]
-    if not found:
-        raise ValueError(f"no {', '.join(BUNDLE_FILES)} found in the zip; export the bundle from a studio or `apertis export`")
-    return found[0]
-
-
 def import_bundle(services, upload: str | None) -> tuple[str, list[list[Any]], gr.Dropdown]:
+    """API `import_model`: unpack a bundle zip into models/ under the archive policy every zip the app opens
+    keeps to; only the bundle's files are kept (never pickles), and the model is checked, and sized against
+    free memory, before it is registered. A refused zip leaves nothing in models/."""
     if not upload:
         return "Choose a bundle .zip first.", *_listing(services)
+    from apertis_core.bundle import unpack_bundle
+
+    name = Path(upload).name
     dest = services.store.models_dir / new_id("import")
     try:
-        from apertis_core.bundle import load_bundle
+        left_out = unpack_bundle(upload, dest, work_dir=services.store.tmp_dir / "imports")
+    except (OSError, ValueError) as exc:  # ArchiveError and BundleError are ValueErrors
+        shutil.rmtree(dest, ignore_errors=True)  # unpack_bundle writes nothing there unless it succeeds
+        return f"Import failed: {import_refusal(name, exc)}", *_listing(services)
+    card = dest / "README.md"
+    services.store.add_model(Path(upload).stem, dest, kind="bundle",
+                             card=card.read_text(encoding="utf-8", errors="replace") if card.exists() else "")
+    return f"Imported {name}.{left_out_note(left_out)}", *_listing(services)
 
-        folder = _safe_extract(Path(upload), dest)
-        load_bundle(folder)  # refuse corrupt or mismatched bundles now, not at chat time
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        return f"Import failed: {exc}", *_listing(services)
-    card = folder / "README.md"
-    services.store.add_model(Path(upload).stem, folder, kind="bundle", card=card.read_text(encoding="utf-8") if card.exists() else "")
-    return f"Imported {Path(upload).name}.", *_listing(services)
+
+def import_refusal(name: str, exc: BaseException) -> str:
+    """One line: what is wrong with the zip and what to do (an archive refusal carries its hint)."""
+    hint = getattr(exc, "hint", None)
+    if hint:  # the archive policy's words: "member 'x' is a symbolic link; refusing the archive"
+        return f"{name}: {exc} — {hint}."
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}."
+    return str(exc)
+
+
+def left_out_note(names: list[str]) -> str:
+    """What an import did not keep (anything but the bundle's own files; pickles are never stored)."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f" Left out {len(names)} file{'s' if len(names) > 1 else ''} a model does not need ({shown}): an import "
+            "keeps model.safetensors, config.json, tokenizer.json, README.md and meta.json, and never pickled files.")
 
 
 def ask_delete(services, model_id: str | None) -> tuple[str, gr.Button]:
@@ -337,7 +347,12 @@ def delete_model(services, model_id: str | None) -> tuple[str, gr.Button, list[l
             gr.Dropdown(choices=options, value=options[0][1] if options else None))  # the card follows
 
 
+HELP = ("Every model you have trained or imported. Pick one to read its card, load it into Chat, export it as a "
+        ".zip to use elsewhere, or import a model folder someone gave you as a .zip.")
+
+
 def build(services) -> dict[str, Any]:
+    gr.Markdown(HELP)
     # No checkpoint sync while the page is built: it imports torch (about 2 s of start-up), and selecting
     # the tab syncs anyway. A plain list for the choices: a gr.Dropdown made here would be drawn on the page.
     show = _show_checkpoints(services)
