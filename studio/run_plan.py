@@ -205,6 +205,9 @@ def check_start(services, dataset_id: str | None, mapping: dict[str, Any], confi
     if refusal:
         return StartCheck(False, refusal)
     try:
+        from apertis_core.sizing import check_run_mapping
+
+        check_run_mapping(mapping)  # absurd sizes, or more memory than this machine has, before anything is built
         run_plan = plan_for(services, mapping, measure)
     except ValueError as exc:  # ConfigError included: its message says which setting and what to do
         return StartCheck(False, str(exc))

@@ -52,3 +52,9 @@ def test_invalid_combinations_name_the_field():
         ModelConfig.from_preset("transformer-nano", n_kv_heads=3)
     with pytest.raises(ConfigError, match="layer_pattern"):
         ModelConfig.from_preset("apertis-nano", layer_pattern="SX")
+
+
+@pytest.mark.parametrize("field", ["n_heads", "d_model", "n_layers"])
+def test_a_zero_size_is_a_config_error_not_a_crash(field):
+    with pytest.raises(ConfigError, match="must be positive"):
+        ModelConfig.from_preset("apertis-nano", **{field: 0})

@@ -117,6 +117,16 @@ def test_long_time_budget_needs_confirmation_too(services, demo_text, half_secon
     assert not check.ok and "a time budget of 11,520 minutes" in check.message and "tick" in check.message
 
 
+@pytest.mark.parametrize("extra, says", [
+    ("model.n_heads=0", "n_heads"),  # was a ZeroDivisionError out of the handler
+    ("model.d_model=8192\nmodel.n_layers=48", "memory"),  # hundreds of GB to train: refused before anything is built
+])
+def test_model_that_cannot_be_built_here_is_refused_before_planning(services, demo_text, extra, says):
+    message, run_id = train.start_run(services, "", demo_text, "transformer-nano", *_values(extra=extra))
+    assert message.startswith("Not started") and says in message and run_id == ""
+    assert services.store.list_runs() == []
+
+
 def test_config_the_trainer_would_reject_is_refused_with_its_reason(services, demo_text):
     """Measured for real: the fresh process builds the data as the trainer would and reports why it cannot."""
     message, run_id = train.start_run(services, "", demo_text, "transformer-nano",

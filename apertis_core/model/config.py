@@ -119,30 +119,37 @@ class ModelConfig:
 
     def validated(self) -> ModelConfig:
         """Raise ConfigError naming the field if the combination cannot build a model."""
+        # Each condition is a function: a later one may divide by a field an earlier one found to be zero.
         checks = [
-            (self.vocab_size > 0, "vocab_size must be positive"),
+            (lambda: self.vocab_size > 0, "vocab_size must be positive"),
             (
-                self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
+                lambda: self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
                 "d_model, n_layers, n_heads must be positive",
             ),
             (
-                self.head_dim > 0 or self.d_model % self.n_heads == 0,
+                lambda: self.head_dim > 0 or self.d_model % self.n_heads == 0,
                 "d_model must be divisible by n_heads (or set head_dim)",
             ),
-            (self.kv_heads() > 0 and self.n_heads % self.kv_heads() == 0, "n_heads must be a multiple of n_kv_heads"),
             (
-                bool(self.layer_pattern) and set(self.layer_pattern) <= {"S", "A"},
+                lambda: self.kv_heads() > 0 and self.n_heads % self.kv_heads() == 0,
+                "n_heads must be a multiple of n_kv_heads",
+            ),
+            (
+                lambda: bool(self.layer_pattern) and set(self.layer_pattern) <= {"S", "A"},
                 "layer_pattern uses only S (SLA) and A (attention)",
             ),
-            (self.sla_chunk_size > 0, "sla_chunk_size must be positive"),
-            (self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts, "moe_top_k must be between 1 and n_experts"),
-            (0.0 < self.moe_threshold <= 1.0, "moe_threshold must be in (0, 1]"),
-            (self.moe_every >= 1 and self.strc_every >= 0, "moe_every must be >= 1 and strc_every >= 0"),
-            (self.sliding_window >= 0, "sliding_window must be >= 0"),
-            (all(0 <= i < self.n_layers for i in self.nope_layers), "nope_layers must index existing layers"),
+            (lambda: self.sla_chunk_size > 0, "sla_chunk_size must be positive"),
+            (
+                lambda: self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
+                "moe_top_k must be between 1 and n_experts",
+            ),
+            (lambda: 0.0 < self.moe_threshold <= 1.0, "moe_threshold must be in (0, 1]"),
+            (lambda: self.moe_every >= 1 and self.strc_every >= 0, "moe_every must be >= 1 and strc_every >= 0"),
+            (lambda: self.sliding_window >= 0, "sliding_window must be >= 0"),
+            (lambda: all(0 <= i < self.n_layers for i in self.nope_layers), "nope_layers must index existing layers"),
         ]
         for ok, message in checks:
-            if not ok:
+            if not ok():
                 raise ConfigError(f"model config: {message}")
         return self
 
