@@ -163,11 +163,6 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE datasets SET summary = ? WHERE id = ?", (json.dumps({**summary, **values}), dataset_id))
 
-    def delete_dataset(self, dataset_id: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
-
-
     def create_run(self, name: str, config_yaml: str, dataset_id: str | None = None) -> dict[str, Any]:
         """Register a queued run; its out_dir is runs/<id> inside the workspace."""
         run_id = new_id("run")
@@ -222,12 +217,6 @@ class Store:
                 (status, *fields.values(), run_id, *allowed),
             )
             return cursor.rowcount == 1
-
-    def delete_run(self, run_id: str) -> None:
-        with self.transaction() as db:
-            for table, column in (("metrics", "run_id"), ("events", "run_id"), ("runs", "id")):
-                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (run_id,))
-
 
     def add_metrics(self, run_id: str, rows: Iterable[tuple[int, str, Any]]) -> int:
         """Store (step, key, value) rows in one transaction. Finite numbers go to `value`; anything else

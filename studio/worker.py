@@ -26,23 +26,12 @@ from typing import Any
 from apertis_core.training import Callback
 
 from . import run_states as rs
+from .run_config import flatten
 from .runfiles import FINAL_NAME, clear_stop, log_tail, request_stop
 from .store import Store
 
-FLUSH_INTERVAL_S = 0.5  # well under the 2 s the UI promises between a step and its point on a chart
+FLUSH_INTERVAL_S = 0.5  # well under the charts' 2 s refresh (TIMER_S, studio/app.py): a point shows within ~2.5 s
 SYSTEM_EVERY_S = 2.0  # CPU/RAM samples: often enough for a chart, rare enough to cost nothing
-
-
-def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"experts": {"layer1": [...]}} -> {"experts/layer1": [...]}; flat records pass unchanged."""
-    flat: dict[str, Any] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
 
 
 def system_record() -> dict[str, float]:

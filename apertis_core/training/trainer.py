@@ -70,7 +70,7 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class _Loop:
     def __init__(self, run: RunConfig, session: Session, sinks: Callback, started: float):
-        self.run_config, self.cfg, self.s, self.sinks = run, run.train, session, sinks
+        self.run_config, self.cfg, self.session, self.sinks = run, run.train, session, sinks
         self.out = Path(run.out_dir)
         self.started = started
         self.state = TrainState(
@@ -97,7 +97,7 @@ class _Loop:
         )
 
     def _new_window(self) -> dict:
-        return {"time": time.perf_counter(), "step": self.s.step, "loss": 0.0, "targets": 0.0, "tokens": 0}
+        return {"time": time.perf_counter(), "step": self.session.step, "loss": 0.0, "targets": 0.0, "tokens": 0}
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -105,9 +105,9 @@ class _Loop:
         self.sinks.on_train_start(self.state)
         stopped = False
         self.loop_started = time.perf_counter()
-        self.pace_mark = (self.loop_started, self.s.step)  # where the pace of the next re-plan is measured from
+        self.pace_mark = (self.loop_started, self.session.step)  # where the pace of the next re-plan is measured from
         self.window = self._new_window()  # throughput counts training time only, not the setup above
-        while self.s.step < self.s.schedule.total_steps:
+        while self.session.step < self.session.schedule.total_steps:
             if self._stop_requested():  # also before the first step: a Stop pressed during the setup counts
                 stopped = True
                 break
@@ -117,59 +117,60 @@ class _Loop:
         self.sinks.on_train_end(self.state)
         final_val = None if stopped else self.val_loss
         return TrainResult(
-            str(self.out), self.s.step, self.train_loss, final_val, self.s.best_val_loss, bundle, stopped
+            str(self.out), self.session.step, self.train_loss, final_val, self.session.best_val_loss, bundle, stopped
         )
 
     def _write_run_files(self) -> None:
-        if self.s.ctx.is_main:
-            resolved = dataclasses.replace(self.run_config, model=self.s.model.config)  # vocab_size from the tokenizer
+        session = self.session
+        if session.ctx.is_main:
+            resolved = dataclasses.replace(self.run_config, model=session.model.config)  # vocab_size from the tokenizer
             resolved.save(self.out / "run.yaml")
-            self.s.tokenizer.save(self.out / "tokenizer.json")
+            session.tokenizer.save(self.out / "tokenizer.json")
 
     def _train_step(self) -> None:
-        s, ctx = self.s, self.s.ctx
-        lr = s.schedule.lr_at(s.step)
-        for group in s.optimizer.param_groups:
+        session, ctx = self.session, self.session.ctx
+        lr = session.schedule.lr_at(session.step)
+        for group in session.optimizer.param_groups:
             group["lr"] = lr
-        batches = [next(s.loader) for _ in range(self.cfg.grad_accum)]
+        batches = [next(session.loader) for _ in range(self.cfg.grad_accum)]
         # Normalise by the targets of the whole step on all ranks: the mean per-token loss of the global
         # batch, whatever the padding or chat masks, so N processes do exactly the math of one.
         targets = ctx.sum([float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches))])[0]
         loss_sum = torch.zeros((), device=ctx.device)
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
-            no_sync = s.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()
+            no_sync = session.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()
             with no_sync:
                 loss_sum += self._micro_step(batch, ctx.world_size / max(targets, 1.0))
-        s.scaler.unscale_(s.optimizer)
+        session.scaler.unscale_(session.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        s.optimizer.zero_grad(set_to_none=True)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(session.model.parameters(), clip)
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+        session.optimizer.zero_grad(set_to_none=True)
         tokens = sum(b.input_ids.numel() for b in batches) * ctx.world_size
-        s.step += 1
-        s.tokens_seen += tokens
+        session.step += 1
+        session.tokens_seen += tokens
         self.lr = lr
         self.window["loss"] += loss_sum  # stays on the device: no sync until the next log
         self.window["targets"] += targets
         self.window["tokens"] += tokens
 
     def _micro_step(self, batch, scale: float) -> torch.Tensor:
-        s = self.s
-        input_ids = batch.input_ids.to(s.ctx.device, non_blocking=True)
-        labels = batch.labels.to(s.ctx.device, non_blocking=True)
-        images = s.images.batch(batch.images, train=True, device=s.ctx.device) if s.images else None
-        with s.precision.autocast():
-            out = s.train_model(input_ids, images=images)
+        session = self.session
+        input_ids = batch.input_ids.to(session.ctx.device, non_blocking=True)
+        labels = batch.labels.to(session.ctx.device, non_blocking=True)
+        images = session.images.batch(batch.images, train=True, device=session.ctx.device) if session.images else None
+        with session.precision.autocast():
+            out = session.train_model(input_ids, images=images)
         loss_sum = _loss_sum(out.logits, labels)
         loss = loss_sum * scale + out.aux_loss / self.cfg.grad_accum
-        s.scaler.scale(loss).backward()
+        session.scaler.scale(loss).backward()
         return loss_sum.detach()
 
     def _after_step(self) -> None:
-        s, cfg, step = self.s, self.cfg, self.s.step
-        final = step >= s.schedule.total_steps
+        session, cfg, step = self.session, self.cfg, self.session.step
+        final = step >= session.schedule.total_steps
         self._update_state()
         if step % cfg.log_every == 0 or final:
             self._log_train()
@@ -180,145 +181,147 @@ class _Loop:
             self._sample()
         if saving:
             self._save()
-        if self.replan_every and step % self.replan_every == 0 and step < 0.8 * self.s.schedule.total_steps:
+        if self.replan_every and step % self.replan_every == 0 and step < 0.8 * self.session.schedule.total_steps:
             self._replan()
         self.sinks.on_step_end(self.state)
 
     def _update_state(self) -> None:
-        st, s = self.state, self.s
-        st.step, st.tokens_seen, st.total_steps = s.step, s.tokens_seen, s.schedule.total_steps
-        st.best_val_loss = s.best_val_loss
-        st.elapsed_s = time.perf_counter() - self.started
-        st.epoch = s.loader.epoch
+        state, session = self.state, self.session
+        state.step, state.tokens_seen = session.step, session.tokens_seen
+        state.total_steps = session.schedule.total_steps
+        state.best_val_loss = session.best_val_loss
+        state.elapsed_s = time.perf_counter() - self.started
+        state.epoch = session.loader.epoch
 
     def _stop_requested(self) -> bool:
         local = self.state.stop_requested or (self.out / STOP_FILE).exists()
-        return self.s.ctx.sum([float(local)])[0] > 0  # every rank must leave the loop at the same step
+        return self.session.ctx.sum([float(local)])[0] > 0  # every rank must leave the loop at the same step
 
     # ---- reporting ------------------------------------------------------------------------------------
     def _log_train(self) -> None:
-        s, w = self.s, self.window
-        loss = s.ctx.sum([float(w["loss"])])[0] / max(w["targets"], 1.0)
+        session, window = self.session, self.window
+        loss = session.ctx.sum([float(window["loss"])])[0] / max(window["targets"], 1.0)
         if not math.isfinite(loss):
             raise FloatingPointError(
-                f"the training loss became {loss} at step {s.step}; lower train.lr or use train.precision=fp32/bf16"
+                f"the training loss became {loss} at step {session.step}; lower train.lr or use train.precision=fp32/bf16"
             )
-        seconds = max(time.perf_counter() - w["time"], 1e-9)
-        steps = s.step - w["step"]
-        tok_s = w["tokens"] / seconds
+        seconds = max(time.perf_counter() - window["time"], 1e-9)
+        steps = session.step - window["step"]
+        tok_s = window["tokens"] / seconds
         record = {
             "train/loss": loss,
             "lr": self.lr,
             "grad_norm": float(self.grad_norm),
             "throughput/tok_s": tok_s,
-            "mfu": self.flops_per_token * tok_s / s.ctx.world_size / self.peak,
-            "progress/total_steps": s.schedule.total_steps,
+            "mfu": self.flops_per_token * tok_s / session.ctx.world_size / self.peak,
+            "progress/total_steps": session.schedule.total_steps,
             "progress/epoch": self.state.epoch,
-            "progress/tokens": s.tokens_seen,
+            "progress/tokens": session.tokens_seen,
             "time/elapsed_s": self.state.elapsed_s,
-            "time/eta_s": (s.schedule.total_steps - s.step) * seconds / max(steps, 1),
+            "time/eta_s": (session.schedule.total_steps - session.step) * seconds / max(steps, 1),
         }
-        record.update({f"experts/{layer}": values for layer, values in s.model.expert_utilisation().items()})
+        record.update({f"experts/{layer}": values for layer, values in session.model.expert_utilisation().items()})
         self.train_loss = loss
         self._emit(record)
         self.window = self._new_window()
 
     def _emit(self, record: dict) -> None:
         self.state.metrics = record
-        self.sinks.log(record, self.s.step)
+        self.sinks.log(record, self.session.step)
 
     @torch.no_grad()
     def _evaluate(self) -> float | None:
-        s = self.s
-        if len(s.val_data) == 0:
+        session = self.session
+        if len(session.val_data) == 0:
             return None
-        s.model.eval()  # the plain module: no DDP collectives, so ranks may see different batch counts
+        session.model.eval()  # the plain module: no DDP collectives, so ranks may see different batch counts
         total = count = 0.0
-        loader = s.val_loader()
-        one_pass = math.ceil(len(s.val_data) / (loader.batch_size * s.ctx.world_size))
+        loader = session.val_loader()
+        one_pass = math.ceil(len(session.val_data) / (loader.batch_size * session.ctx.world_size))
+        device = session.ctx.device
         for _ in range(min(self.cfg.eval_batches, one_pass)):
             batch = next(loader)
-            labels = batch.labels.to(s.ctx.device)
-            images = s.images.batch(batch.images, train=False, device=s.ctx.device) if s.images else None
-            with s.precision.autocast():
-                logits = s.model(batch.input_ids.to(s.ctx.device), images=images).logits
+            labels = batch.labels.to(device)
+            images = session.images.batch(batch.images, train=False, device=device) if session.images else None
+            with session.precision.autocast():
+                logits = session.model(batch.input_ids.to(device), images=images).logits
             total += float(_loss_sum(logits, labels))
             count += int((labels != IGNORE_INDEX).sum())
-        s.model.train()
-        total, count = s.ctx.sum([total, count])
-        self.val_loss, self.val_step = total / max(count, 1.0), s.step
-        if s.best_val_loss is None or self.val_loss < s.best_val_loss:
-            s.best_val_loss = self.val_loss
-        self.state.best_val_loss = s.best_val_loss
+        session.model.train()
+        total, count = session.ctx.sum([total, count])
+        self.val_loss, self.val_step = total / max(count, 1.0), session.step
+        if session.best_val_loss is None or self.val_loss < session.best_val_loss:
+            session.best_val_loss = self.val_loss
+        self.state.best_val_loss = session.best_val_loss
         self._emit({"val/loss": self.val_loss})
         self.sinks.on_eval_end(self.state)
         return self.val_loss
 
     def _sample(self) -> None:
-        s = self.s
-        if not s.ctx.is_main:
+        session = self.session
+        if not session.ctx.is_main:
             return
-        tok = s.tokenizer
+        tok = session.tokenizer
         config = GenerationConfig(max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, stop_ids=[tok.eot_id])
         for prompt in self.cfg.sample_prompts:
             ids = tok.encode(prompt) or [tok.eot_id]
-            with s.precision.autocast():
-                text = tok.decode(list(generate(s.model, ids, config)))
+            with session.precision.autocast():
+                text = tok.decode(list(generate(session.model, ids, config)))
             self._emit({"sample/prompt": prompt, "sample/text": text})
 
     # ---- saving, stopping, finishing ------------------------------------------------------------------
     def _save(self) -> None:
-        s = self.s
-        state = capture_state(s)
-        if s.ctx.is_main:
+        session = self.session
+        resume_state = capture_state(session)
+        if session.ctx.is_main:
             meta = {
-                "total_steps": s.schedule.total_steps,
-                "tokens_seen": s.tokens_seen,
+                "total_steps": session.schedule.total_steps,
+                "tokens_seen": session.tokens_seen,
                 "train_loss": self.train_loss,
-                "val_loss": self.val_loss if self.val_step == s.step else None,
+                "val_loss": self.val_loss if self.val_step == session.step else None,
             }
-            path = save_checkpoint(self.out, s.step, s.model, s.tokenizer, state, meta)
+            path = save_checkpoint(self.out, session.step, session.model, session.tokenizer, resume_state, meta)
             if meta["val_loss"] is not None:
-                mark_best_if_better(self.out, s.step, meta["val_loss"])
+                mark_best_if_better(self.out, session.step, meta["val_loss"])
             prune_checkpoints(self.out, self.cfg.keep_last)
             self.state.checkpoint_dir = str(path)
             self.sinks.on_save(self.state)
-        s.ctx.barrier()
+        session.ctx.barrier()
 
     def _stop(self) -> None:
-        if not checkpoint_dir(self.out, self.s.step).exists():
+        if not checkpoint_dir(self.out, self.session.step).exists():
             self._save()
-        if self.s.ctx.is_main:
+        if self.session.ctx.is_main:
             (self.out / STOP_FILE).unlink(missing_ok=True)  # honoured: a later resume must not stop at once
 
     def _finish(self) -> str:
-        s = self.s
+        session = self.session
         self._evaluate()
-        if not checkpoint_dir(self.out, s.step).exists():  # "train N more" continues from this checkpoint
+        if not checkpoint_dir(self.out, session.step).exists():  # "train N more" continues from this checkpoint
             self._save()
         bundle = self.out / "final"
-        if s.ctx.is_main:
+        if session.ctx.is_main:
             card = {
-                "steps": s.step,
-                "tokens seen": s.tokens_seen,
+                "steps": session.step,
+                "tokens seen": session.tokens_seen,
                 "final train loss": self.train_loss,
                 "final val loss": self.val_loss,
-                "best val loss": s.best_val_loss,
-                "data": s.data_summary,
+                "best val loss": session.best_val_loss,
+                "data": session.data_summary,
             }
             card = {k: v for k, v in card.items() if v is not None}
-            save_bundle(bundle, s.model, s.tokenizer, card, title=self.run_config.name or None)
-        s.ctx.barrier()
+            save_bundle(bundle, session.model, session.tokenizer, card, title=self.run_config.name or None)
+        session.ctx.barrier()
         return str(bundle)
 
     def _replan(self) -> None:
         """Re-fit the total steps into the remaining budget at the measured pace (rank 0's, for all)."""
-        s = self.s
+        session = self.session
         now = time.perf_counter()
         mark_time, mark_step = self.pace_mark
-        pace = (now - mark_time) / max(s.step - mark_step, 1)
-        self.pace_mark = (now, s.step)
+        pace = (now - mark_time) / max(session.step - mark_step, 1)
+        self.pace_mark = (now, session.step)
         left = self.cfg.max_minutes * 60 - (now - self.started)
-        total = s.step + budget_steps(self.cfg, pace, left) if left > 0 else s.step
-        s.schedule = s.schedule.with_total(int(s.ctx.broadcast(max(total, s.step))))
-        self.state.total_steps = s.schedule.total_steps
+        total = session.step + budget_steps(self.cfg, pace, left) if left > 0 else session.step
+        session.schedule = session.schedule.with_total(int(session.ctx.broadcast(max(total, session.step))))
+        self.state.total_steps = session.schedule.total_steps
