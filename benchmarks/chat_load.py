@@ -1,4 +1,4 @@
-"""`python -m benchmarks.chat_load`: the studio under chat load while a run trains (issue 13).
+"""`python -m benchmarks.chat_load`: the studio under chat load while a run trains.
 
 A real studio (`python -m studio --no-browser` over a fresh temporary workspace) trains apertis-nano on the
 demo text in its worker process (started with the API's /start_run) while chat requests go to /chat

@@ -1,7 +1,7 @@
 """`apertis bench model` (or `python -m benchmarks.model`): the Apertis parts against their Transformer
 counterparts, measured side by side in one run on the current machine.
 
-Four tables, each with the issue's targets next to the measured values:
+Four tables, each with its targets (for a 2-core CPU) next to the measured values:
 
 1. SLA core (`chunked_linear_attention`, per-head log decay) vs `F.scaled_dot_product_attention`
    (causal), forward + backward, B 8, 4 heads, head dim 64, T = 256, 1024, 4096.
@@ -42,8 +42,8 @@ from benchmarks.common import (
 SECTIONS = ("attention", "train", "decode", "moe")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# The issues' targets (measured on their 2-core CPU): issue 2 (SLA, decode growth, MoE), issue 11 (training
-# tokens/s and decode time against the matched transformer).
+# Targets, set for a 2-core CPU: SLA vs SDPA, decode growth and MoE cost; training tokens/s and decode time
+# against the matched transformer.
 SLA_TARGETS = {256: 1.0, 1024: 2.5, 4096: 5.0}  # minimum SDPA time / SLA time
 DECODE_TARGET = 1.1  # maximum apertis per-token time at the longest context / at the shortest
 MOE_TARGET = 1.2  # maximum AES time / dense FFN time
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def verdict(device, ok: bool, measured: str, target: str, shortfall: float) -> str:
-    """The status cell; the issue's targets are for its 2-core CPU, so other devices are not judged."""
+    """The status cell; the targets are for a 2-core CPU, so other devices are not judged."""
     if torch.device(device).type != "cpu":
         return "(CPU target)"
     return f"met ({measured} vs {target})" if ok else f"MISSED ({measured} vs {target}, off by {shortfall:.0%})"
@@ -273,7 +273,7 @@ def bench_train(sizes: Sizes, device, dtype, repeats: int, configs, results: dic
         )
     title = f"2. Training tokens/s, forward + backward + AdamW step ({_dtype_name(dtype)}, {sizes.train_tokens} tokens per step)"
     table = format_table(
-        title, ["T", "batch", "apertis tok/s", "transformer tok/s", "apertis / transformer", "target (issue 11)"], rows
+        title, ["T", "batch", "apertis tok/s", "transformer tok/s", "apertis / transformer", "target"], rows
     )
     return table + "\n\n" + describe_pair(models)
 
@@ -348,7 +348,7 @@ def bench_decode(sizes: Sizes, device, dtype, repeats: int, configs, results: di
         "apertis / token",
         "transformer / token",
         "apertis / transformer",
-        "target (issue 11)",
+        "target",
         f"apertis vs context {first}",
         "apertis state",
         "transformer KV cache",

@@ -3,7 +3,7 @@
 Builds the apertis and transformer recipes of `benchmarks/train.py` (128 wide, 4 layers, vocab 262,
 batch 32 x 128 by default), times forward + backward + AdamW steps of both side by side (interleaved,
 median), then runs torch.profiler over a few steps of each and prints the op-call count per step and the
-ops that take the most time. This is the measurement behind the CPU rows of issue 11.
+ops that take the most time. benchmarks/README.md reports its step-time ratio beside the model benchmark.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from pathlib import Path
 from .common import describe_machine, format_seconds, format_table
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = {"startup": 6.0, "metrics": 2.0, "ttft": 0.3}  # seconds (issue 5)
+TARGETS = {"startup": 6.0, "metrics": 2.0, "ttft": 0.3}  # seconds
 PROMPT = "Once upon a time"
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 

@@ -1,6 +1,6 @@
 """Fault suite for the dataset readers: malformed files, folders and zips, one table row each.
 
-Every case asserts the three things issue 13 counts: loading never crashes, never hangs (FIFOs, pipes,
+Every case asserts three things: loading never crashes, never hangs (FIFOs, pipes,
 devices), and never loses good data (the good records in the same file still load, exactly); and that each
 problem names its file and line, with a hint. Add a case by adding a row to CASES.
 """
@@ -627,11 +627,11 @@ def test_malformed_input_is_reported_where_it_is_and_good_records_survive(tmp_pa
     assert counted.records == len(case.good) and counted.problems == report.problems
 
 
-def test_the_table_has_the_cases_issue_13_asks_for():
+def test_the_table_has_the_named_hard_cases():
     assert len(CASES) >= 80
-    issue_cases = ["jsonl_5000_digit_number", "jsonl_nul_in_image_path", "jsonl_5000_char_image_name", "folder_fifo"]
-    issue_cases += ["csv_unclosed_quote_to_end", "csv_200k_character_cell", "csv_nul_byte", "jsonl_cr_only_line_ends"]
-    assert set(issue_cases) <= set(CASES)
+    named_cases = ["jsonl_5000_digit_number", "jsonl_nul_in_image_path", "jsonl_5000_char_image_name", "folder_fifo"]
+    named_cases += ["csv_unclosed_quote_to_end", "csv_200k_character_cell", "csv_nul_byte", "jsonl_cr_only_line_ends"]
+    assert set(named_cases) <= set(CASES)
 
 
 def test_data_validate_on_a_folder_with_a_fifo_finishes_and_names_it(tmp_path, capsys):
@@ -647,7 +647,7 @@ def test_data_validate_on_a_folder_with_a_fifo_finishes_and_names_it(tmp_path, c
 
 
 def tally(hang_guard_s: float) -> dict[str, list[str]]:
-    """Issue 13's count over CASES: which cases crash, lose good records, hang, or miss a problem's place."""
+    """The count over CASES: which cases crash, lose good records, hang, or miss a problem's place."""
     outcome: dict[str, list[str]] = {"crashes": [], "lose good data": [], "hangs": [], "unclear": []}
     for name, case in CASES.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -686,7 +686,7 @@ def _load_into(result: dict, target: Path, cache: Path) -> None:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Count issue 13's malformed-input outcomes over the fault table.")
+    parser = argparse.ArgumentParser(description="Count the malformed-input outcomes over the fault table.")
     parser.add_argument("--hang-guard", type=float, default=30, help="seconds before a case counts as hung")
     counts = tally(parser.parse_args().hang_guard)
     print(

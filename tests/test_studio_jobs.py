@@ -101,7 +101,7 @@ def test_worker_ended_from_outside_is_interrupted(tmp_path, fake_worker):
 
 
 def test_reattached_worker_that_dies_while_watched_failed_not_closed(tmp_path, fake_worker):
-    """The issue's case: a restarted studio re-attaches a worker; the worker dies while this studio is open."""
+    """A restarted studio re-attaches a worker; the worker dies while this studio is open."""
     first = JobManager(Store(tmp_path))
     run = first.submit("r", "{}")
     later = JobManager(Store(tmp_path))  # the studio restarted
@@ -247,7 +247,7 @@ def worker_log(run):
 
 
 def test_real_run_stop_resume_finish_and_train_more(tmp_path):
-    from studio.tabs.dataset import write_demo_text
+    from apertis_core.data.demo_text import write_demo_text
 
     manager = JobManager(Store(tmp_path))
     data = write_demo_text(tmp_path / "data" / "sample.txt", lines=200)
@@ -280,7 +280,7 @@ def test_real_run_failure_records_reason_and_log_tail(tmp_path):
 
 
 def test_real_worker_ended_by_sigterm_saves_and_is_interrupted(tmp_path):
-    from studio.tabs.dataset import write_demo_text
+    from apertis_core.data.demo_text import write_demo_text
 
     manager = JobManager(Store(tmp_path))
     data = write_demo_text(tmp_path / "data" / "sample.txt", lines=200)

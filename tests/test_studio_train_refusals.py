@@ -1,4 +1,4 @@
-"""The Train tab's honest plans and Start's refusals (issue 10): a dataset without usable records is refused
+"""The Train tab's honest plans and Start's refusals: a dataset without usable records is refused
 with its problems named, a run planned longer than 7 days needs a ticked confirmation, an absurd one is
 refused, a sensible one starts; the plan is measured with the worker's threads; the live ETA comes from the
 run's own pace.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from apertis_core.training.measure import Measurement
-from studio import jobs, run_plan
+from studio import jobs, run_config, run_plan
 from studio.app import Services
 from studio.jobs import JobManager
 from studio.store import Store
@@ -63,7 +63,7 @@ def _values(**changes):
 
 
 def _mapping(services, data_id, **changes):
-    return train.run_mapping(services, data_id, "transformer-nano", dict(FORM, **changes))
+    return run_config.run_mapping(services, data_id, "transformer-nano", dict(FORM, **changes))
 
 
 # -- refusals ---------------------------------------------------------------------------------------
