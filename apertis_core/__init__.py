@@ -1,20 +1,21 @@
-"""apertis_core: train, run and export small multimodal Apertis language models with PyTorch."""
+"""apertis_core: train, run and export small multimodal Apertis language models with PyTorch.
 
-from .bundle import load_bundle, save_bundle
-from .configio import ConfigError
-from .generation import GenerationConfig, generate
-from .model import ApertisModel, ModelConfig, ModelOutput
-from .tokenizer import Tokenizer
+The names below load on first use, so `import apertis_core` (and its config modules) does not import torch.
+"""
 
-__all__ = [
-    "ApertisModel",
-    "ConfigError",
-    "GenerationConfig",
-    "ModelConfig",
-    "ModelOutput",
-    "Tokenizer",
-    "generate",
-    "load_bundle",
-    "save_bundle",
-]
+from .lazy import lazy_exports
+
+_EXPORTS = {
+    "ApertisModel": ".model.apertis",
+    "ConfigError": ".configio",
+    "GenerationConfig": ".generation",
+    "ModelConfig": ".model.config",
+    "ModelOutput": ".model.apertis",
+    "Tokenizer": ".tokenizer",
+    "generate": ".generation",
+    "load_bundle": ".bundle",
+    "save_bundle": ".bundle",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __version__ = "0.1.0"

@@ -34,11 +34,11 @@ from . import sizing
 from .configio import ConfigError
 from .data.archive import ArchivePolicy, check_zip, safe_extract
 from .fileio import atomic_write_bytes, atomic_write_text
+from .filenames import BUNDLE_FILES, FINAL_DIR
 from .model import ApertisModel, ModelConfig
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1  # bumped when the folder layout or the weight names change incompatibly
-BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 # Other files a bundle or checkpoint folder may carry that are safe to keep (text and JSON, never pickles):
 # the model card and a checkpoint's step and losses. An import keeps these and nothing else.
 BUNDLE_EXTRAS = ("README.md", "meta.json")
@@ -128,8 +128,23 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
 
 
 # Bytes per element of the safetensors dtypes; weights must be stored as one of the floating ones.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 MAX_HEADER_BYTES = 16 << 20  # the largest model here lists a few hundred tensors in ~50 kB of header
 
@@ -176,8 +191,10 @@ def _check_layout(path: Path, header: dict[str, Any], data_bytes: int) -> None:
             raise _damaged(path, f"tensor {name!r} has an unreadable dtype, shape or data_offsets")
         begin, end = offsets
         if not 0 <= begin <= end or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
-            raise _damaged(path, f"tensor {name!r}: its {dtype} shape {tuple(shape)} does not match its "
-                                 f"{end - begin:,} bytes of data")
+            raise _damaged(
+                path,
+                f"tensor {name!r}: its {dtype} shape {tuple(shape)} does not match its {end - begin:,} bytes of data",
+            )
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):
@@ -273,8 +290,10 @@ def model_config_from_json(raw: bytes, where: str) -> ModelConfig:
     """ModelConfig from config.json's bytes (`where` names the file in messages); BundleError if they are not
     sane model settings."""
     if len(raw) > MAX_CONFIG_BYTES:
-        raise BundleError(f"{where} is larger than {MAX_CONFIG_BYTES // 1024:,} kB, far more than model settings "
-                          "take; the file is damaged or not from an Apertis bundle")
+        raise BundleError(
+            f"{where} is larger than {MAX_CONFIG_BYTES // 1024:,} kB, far more than model settings "
+            "take; the file is damaged or not from an Apertis bundle"
+        )
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, 5,000-digit numbers
@@ -316,15 +335,17 @@ def _bundle_file(directory: Path, name: str, limit: int | None = None) -> Path:
     try:
         info = path.stat()
     except OSError:
-        raise BundleError(
-            f"{directory} has no {name}; a model folder needs {', '.join(BUNDLE_FILES)}"
-        ) from None
+        raise BundleError(f"{directory} has no {name}; a model folder needs {', '.join(BUNDLE_FILES)}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise BundleError(f"{path} is not a regular file (a folder, device or pipe); a bundle's {name} must be "
-                          "a file. Re-export the model")
+        raise BundleError(
+            f"{path} is not a regular file (a folder, device or pipe); a bundle's {name} must be "
+            "a file. Re-export the model"
+        )
     if limit is not None and info.st_size > limit:
-        raise BundleError(f"{path} is {sizing.human_bytes(info.st_size)}, more than a {name} can be "
-                          f"({sizing.human_bytes(limit)}); the file is damaged or not from an Apertis bundle")
+        raise BundleError(
+            f"{path} is {sizing.human_bytes(info.st_size)}, more than a {name} can be "
+            f"({sizing.human_bytes(limit)}); the file is damaged or not from an Apertis bundle"
+        )
     return path
 
 
@@ -376,8 +397,12 @@ def check_weights_file(path: str | Path, config: ModelConfig) -> int:
     _, data_bytes = _check_header(path, header, skeleton)
     if data_bytes > sizing.weight_bytes(config):  # stored wider than fp32: loading needs more than planned
         try:
-            sizing.check_fits(sizing.weight_bytes(config) + data_bytes, "cpu", f"Loading {path}",
-                              "Close other programs, or re-export the model in fp32.")
+            sizing.check_fits(
+                sizing.weight_bytes(config) + data_bytes,
+                "cpu",
+                f"Loading {path}",
+                "Close other programs, or re-export the model in fp32.",
+            )
         except sizing.ModelSizeError as exc:
             raise BundleError(str(exc)) from exc
     return data_bytes
@@ -401,8 +426,9 @@ _KEPT_FILES = (*BUNDLE_FILES, *BUNDLE_EXTRAS)
 _IGNORED_FOLDERS = ("__MACOSX",)  # what macOS's Finder adds to every zip it makes
 
 
-def unpack_bundle(zip_path: str | Path, dest: str | Path, device: str | torch.device = "cpu",
-                  work_dir: str | Path | None = None) -> list[str]:
+def unpack_bundle(
+    zip_path: str | Path, dest: str | Path, device: str | torch.device = "cpu", work_dir: str | Path | None = None
+) -> list[str]:
     """Unpack a bundle zip into the new folder `dest` and return the names of the files left out.
 
     The zip keeps to IMPORT_POLICY; its bundle is at the top or in one folder; its config is checked, and
@@ -435,8 +461,13 @@ def unpack_bundle(zip_path: str | Path, dest: str | Path, device: str | torch.de
         os.replace(unpacked, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return sorted(str(_member_path(m)) for m in members if not m.is_dir() and _member_path(m) not in kept
-                  and _member_path(m).parts[:1] not in [(name,) for name in _IGNORED_FOLDERS])
+    return sorted(
+        str(_member_path(m))
+        for m in members
+        if not m.is_dir()
+        and _member_path(m) not in kept
+        and _member_path(m).parts[:1] not in [(name,) for name in _IGNORED_FOLDERS]
+    )
 
 
 def _member_path(info: zipfile.ZipInfo) -> PurePosixPath:
@@ -447,8 +478,11 @@ def _bundle_folder(members: list[zipfile.ZipInfo]) -> PurePosixPath:
     """Where in the zip the bundle's files are: its top, or one folder (a zipped bundle folder)."""
     files = {_member_path(m) for m in members if not m.is_dir()}
     folders = sorted(
-        path.parent for path in files
-        if path.name == "config.json" and len(path.parent.parts) <= 1 and path.parts[0] not in _IGNORED_FOLDERS
+        path.parent
+        for path in files
+        if path.name == "config.json"
+        and len(path.parent.parts) <= 1
+        and path.parts[0] not in _IGNORED_FOLDERS
         and all(path.parent / name in files for name in BUNDLE_FILES)
     )
     if not folders:
@@ -466,8 +500,10 @@ def _zip_config(zip_path: Path, info: zipfile.ZipInfo) -> ModelConfig:
     """The bundle's config read straight from the zip (nothing extracted yet)."""
     where = f"{zip_path.name}: {info.filename}"
     if info.file_size > MAX_CONFIG_BYTES:
-        raise BundleError(f"{where} is {sizing.human_bytes(info.file_size)}, far more than model settings take; "
-                          "the zip is damaged or not an Apertis bundle")
+        raise BundleError(
+            f"{where} is {sizing.human_bytes(info.file_size)}, far more than model settings take; "
+            "the zip is damaged or not an Apertis bundle"
+        )
     try:
         with zipfile.ZipFile(zip_path) as archive, archive.open(info) as member:
             raw = member.read(MAX_CONFIG_BYTES + 1)
@@ -488,8 +524,10 @@ def _check_member_sizes(zip_name: str, files: dict[str, zipfile.ZipInfo], parame
         )
     tokenizer = files["tokenizer.json"].file_size
     if tokenizer > MAX_TOKENIZER_BYTES:
-        raise BundleError(f"{zip_name}: tokenizer.json is {sizing.human_bytes(tokenizer)}, more than a tokenizer "
-                          f"can be ({sizing.human_bytes(MAX_TOKENIZER_BYTES)}); re-export the model")
+        raise BundleError(
+            f"{zip_name}: tokenizer.json is {sizing.human_bytes(tokenizer)}, more than a tokenizer "
+            f"can be ({sizing.human_bytes(MAX_TOKENIZER_BYTES)}); re-export the model"
+        )
 
 
 def _fits(name: str, info: zipfile.ZipInfo) -> bool:
@@ -499,7 +537,6 @@ def _fits(name: str, info: zipfile.ZipInfo) -> bool:
 
 
 # ---- model cards ------------------------------------------------------------------------------------
-FINAL_DIR = "final"  # the trainer's finished bundle inside a run folder
 _ABSOLUTE_PATH = re.compile(r"^(/|~[\\/]|\\\\|[A-Za-z]:[\\/])")  # POSIX, home, Windows share or drive
 
 

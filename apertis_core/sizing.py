@@ -89,23 +89,30 @@ def check_model_mapping(mapping: Mapping[str, Any], where: str = "model config")
             _check_float(key, coerce(value, float, f"{where}.{key}"), where)
     pattern = mapping.get("layer_pattern")
     if isinstance(pattern, str) and len(pattern) > MAX_PATTERN:
-        raise ModelSizeError(f"{where}: layer_pattern has {len(pattern):,} characters (at most {MAX_PATTERN}); "
-                             "it repeats over the depth, so a few letters such as SSSA are enough")
+        raise ModelSizeError(
+            f"{where}: layer_pattern has {len(pattern):,} characters (at most {MAX_PATTERN}); "
+            "it repeats over the depth, so a few letters such as SSSA are enough"
+        )
     nope = mapping.get("nope_layers")
     if isinstance(nope, (list, tuple)) and len(nope) > INT_LIMITS["n_layers"][1]:
-        raise ModelSizeError(f"{where}: nope_layers lists {len(nope):,} layers; a model has at most "
-                             f"{INT_LIMITS['n_layers'][1]}")
+        raise ModelSizeError(
+            f"{where}: nope_layers lists {len(nope):,} layers; a model has at most {INT_LIMITS['n_layers'][1]}"
+        )
 
 
 def _check_int(key: str, value: int, where: str) -> None:
     low, high = INT_LIMITS[key]
     if value < low:
         need = "positive" if low == 1 else f"at least {low}"
-        raise ModelSizeError(f"{where}: {key} is {_number(value)}; it must be {need}. Set it to a sane value "
-                             "(a preset's, for example); a bundle with this config is damaged, re-export it")
+        raise ModelSizeError(
+            f"{where}: {key} is {_number(value)}; it must be {need}. Set it to a sane value "
+            "(a preset's, for example); a bundle with this config is damaged, re-export it"
+        )
     if value > high:
-        raise ModelSizeError(f"{where}: {key} is {_number(value)}, beyond {high:,}, more than any model this app "
-                             "can build; the config is damaged or not meant for Apertis. Use a preset's value")
+        raise ModelSizeError(
+            f"{where}: {key} is {_number(value)}, beyond {high:,}, more than any model this app "
+            "can build; the config is damaged or not meant for Apertis. Use a preset's value"
+        )
 
 
 def _check_float(key: str, value: float, where: str) -> None:
@@ -128,9 +135,11 @@ def check_config(cfg: ModelConfig, where: str = "model config") -> int:
     check_model_mapping(dataclasses.asdict(cfg), where)
     total = parameter_count(cfg)
     if total > MAX_PARAMETERS:
-        raise ModelSizeError(f"{where}: this model would have {_count(total)} parameters "
-                             f"({human_bytes(4 * total)} of weights), more than any model this app can build "
-                             f"({_count(MAX_PARAMETERS)}); use fewer layers or a narrower d_model")
+        raise ModelSizeError(
+            f"{where}: this model would have {_count(total)} parameters "
+            f"({human_bytes(4 * total)} of weights), more than any model this app can build "
+            f"({_count(MAX_PARAMETERS)}); use fewer layers or a narrower d_model"
+        )
     return total
 
 
@@ -177,8 +186,10 @@ def _vision_parameters(cfg: ModelConfig) -> int:
     else:
         stages = _RESNET_STAGE_FOR_STRIDE.get(cfg.image_patch_size)
         if stages is None or cfg.image_encoder not in _RESNET_PARAMETERS:
-            raise ConfigError(f"model config: image_patch_size must be one of {sorted(_RESNET_STAGE_FOR_STRIDE)} "
-                              f"for {cfg.image_encoder}, got {cfg.image_patch_size}")
+            raise ConfigError(
+                f"model config: image_patch_size must be one of {sorted(_RESNET_STAGE_FOR_STRIDE)} "
+                f"for {cfg.image_encoder}, got {cfg.image_patch_size}"
+            )
         backbone = _RESNET_PARAMETERS[cfg.image_encoder][stages - 1]
         width = 64 * 2 ** (stages - 1) * _RESNET_EXPANSION[cfg.image_encoder]
     projector = width * d + d + d * d + d  # Linear(width, d) and Linear(d, d), with biases
@@ -189,9 +200,13 @@ def _vit_parameters(cfg: ModelConfig, width: int) -> int:
     patch = cfg.image_patch_size
     hidden = -(-int(width * 8 / 3) // 64) * 64
     block = 2 * width + 3 * width * width + width * width + 3 * width * hidden  # norms, qkv, out, SwiGLU
-    return (3 * width * patch * patch + width  # the patchify conv, with bias
-            + 2 * cfg.image_max_patches * width  # row and column embeddings
-            + cfg.image_encoder_layers * block + width)  # blocks, final norm
+    return (
+        3 * width * patch * patch
+        + width  # the patchify conv, with bias
+        + 2 * cfg.image_max_patches * width  # row and column embeddings
+        + cfg.image_encoder_layers * block
+        + width
+    )  # blocks, final norm
 
 
 # ---- bytes ---------------------------------------------------------------------------------------------
@@ -276,9 +291,11 @@ def check_trainable(cfg: ModelConfig, batch_size: int, seq_len: int, device: Any
     free; returns the parameter count."""
     total = check_config(cfg)
     needed = training_bytes(cfg, batch_size, seq_len, element_bytes)
-    what = (f"Training this model ({_count(total)} parameters; weights, gradients and Adam moments take "
-            f"{human_bytes(TRAIN_BYTES_PER_PARAMETER * total)}, plus activations for batch_size {batch_size} x "
-            f"seq_len {seq_len})")
+    what = (
+        f"Training this model ({_count(total)} parameters; weights, gradients and Adam moments take "
+        f"{human_bytes(TRAIN_BYTES_PER_PARAMETER * total)}, plus activations for batch_size {batch_size} x "
+        f"seq_len {seq_len})"
+    )
     check_fits(needed, device, what, "Lower train.batch_size or data.seq_len, or pick a smaller preset.")
     return total
 
@@ -286,8 +303,8 @@ def check_trainable(cfg: ModelConfig, batch_size: int, seq_len: int, device: Any
 def check_run(run_config: Any, model: ModelConfig | None = None) -> int:
     """check_trainable for a RunConfig, on the device and in the precision the trainer will use. `model`
     replaces the run's model config (a resumed run trains its checkpoint's)."""
+    from .training.config import planned_vocab_size
     from .training.hardware import pick_device
-    from .training.planning import planned_vocab_size
     from .training.precision import resolve_precision
 
     train = run_config.train

@@ -16,6 +16,7 @@ from .configio import ConfigError
 from .fileio import atomic_write_text
 
 IMAGE_TOKEN = "<image>"
+IMAGE_LINE = IMAGE_TOKEN + "\n"  # an image as the data formats and chat prompts place it: its own line before the text
 # Order fixes the ids 0..5 in every tokenizer this module makes, so special ids never depend on the corpus.
 SPECIAL_TOKENS = ("<|eot|>", "<|pad|>", IMAGE_TOKEN, "<|system|>", "<|user|>", "<|assistant|>")
 ROLES = ("system", "user", "assistant")

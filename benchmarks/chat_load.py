@@ -102,7 +102,9 @@ def measure(args, workspace: Path) -> dict:
         for concurrency in (1, args.concurrency):
             before, step_before = rss(proc.pid), store.get_run(run_id)["step"]
             phase = run_phase(url, model_id, args.requests, concurrency, args.max_new)
-            phase.update(rss_before=before, rss_after=rss(proc.pid), steps_trained=store.get_run(run_id)["step"] - step_before)
+            phase.update(
+                rss_before=before, rss_after=rss(proc.pid), steps_trained=store.get_run(run_id)["step"] - step_before
+            )
             phases.append(phase)
             print(f"{args.requests} chats, {concurrency} at a time: {phase['errors']} errors", flush=True)
         result.update(phases=phases, run_status=store.get_run(run_id)["status"])
@@ -140,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     header = ["phase", "errors", "latency p50 / p90 / p99 / max (ms)", "replies/s", "studio RSS", "steps trained"]
     title = f"Chat while a run trains (apertis-nano, {args.max_new} new tokens a reply)"
     print(format_table(title, header, summarise(result)))
-    print(f"\nstudio RSS when the run had started, before any chat: {result['rss_start'] / 2**20:.0f} MiB; "
-          f"run status at the end: {result['run_status']}")
+    print(
+        f"\nstudio RSS when the run had started, before any chat: {result['rss_start'] / 2**20:.0f} MiB; "
+        f"run status at the end: {result['run_status']}"
+    )
     machine = describe_machine("cpu")
     print("\n" + "\n".join(f"- {key}: {value}" for key, value in machine.items()))
     if args.json:

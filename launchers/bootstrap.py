@@ -78,27 +78,47 @@ def requirements_stamp(requirements: str, project: str, app_dir: str, variant: s
 def preflight(python_version: str, app_dir: str, system: str, free_bytes: int) -> list[str]:
     """Warnings before an install; raises BootstrapError for an old Python or a too-full disk."""
     if tuple(int(part) for part in python_version.split(".")[:2]) < (3, 10):
-        raise BootstrapError(f"Python {python_version} is too old; Apertis Studio needs 3.10 or newer. Install 3.12 "
-                             "from https://www.python.org/downloads/, delete the .venv folder and start again.")
+        raise BootstrapError(
+            f"Python {python_version} is too old; Apertis Studio needs 3.10 or newer. Install 3.12 "
+            "from https://www.python.org/downloads/, delete the .venv folder and start again."
+        )
     if free_bytes < INSTALL_BYTES:
-        raise BootstrapError(f"not enough free disk space: {free_bytes / GB:.1f} GB free on the drive of "
-                             f"{app_dir}; installing PyTorch and the rest needs about {INSTALL_BYTES / GB:.0f} GB. "
-                             "Free some space (or move the app folder to a drive with more room) and start again.")
+        raise BootstrapError(
+            f"not enough free disk space: {free_bytes / GB:.1f} GB free on the drive of "
+            f"{app_dir}; installing PyTorch and the rest needs about {INSTALL_BYTES / GB:.0f} GB. "
+            "Free some space (or move the app folder to a drive with more room) and start again."
+        )
     if system == "Windows" and not app_dir.isascii():
-        return [f"the app folder path {app_dir} has non-ASCII characters, from which some native libraries fail "
-                "to load on Windows. If start-up fails, move the folder to e.g. C:\\ApertisStudio."]
+        return [
+            f"the app folder path {app_dir} has non-ASCII characters, from which some native libraries fail "
+            "to load on Windows. If start-up fails, move the folder to e.g. C:\\ApertisStudio."
+        ]
     return []
 
 
 PIP_DIAGNOSES = (  # (phrases in pip's errors, what to tell the user); the first match wins
-    (("NewConnectionError", "name resolution", "getaddrinfo failed", "Network is unreachable", "ProxyError",
-      "ConnectTimeout", "Read timed out", "SSLError"),
-     "pip could not reach the package index: check the internet connection (and any proxy), then start again."),
+    (
+        (
+            "NewConnectionError",
+            "name resolution",
+            "getaddrinfo failed",
+            "Network is unreachable",
+            "ProxyError",
+            "ConnectTimeout",
+            "Read timed out",
+            "SSLError",
+        ),
+        "pip could not reach the package index: check the internet connection (and any proxy), then start again.",
+    ),
     (("No space left on device",), "the disk filled up: free some space and start again."),
-    (("Permission denied", "Access is denied"),
-     "a file could not be written: close other programs using the app folder (antivirus too) and start again."),
-    (("No matching distribution", "Could not find a version that satisfies"),
-     "a pinned package has no build for Python {python} here: install Python 3.12, delete .venv, start again."),
+    (
+        ("Permission denied", "Access is denied"),
+        "a file could not be written: close other programs using the app folder (antivirus too) and start again.",
+    ),
+    (
+        ("No matching distribution", "Could not find a version that satisfies"),
+        "a pinned package has no build for Python {python} here: install Python 3.12, delete .venv, start again.",
+    ),
 )
 
 
@@ -106,8 +126,10 @@ def diagnose_pip_failure(output: str, code: int, python_version: str, what: str 
     for phrases, advice in PIP_DIAGNOSES:
         if any(phrase in output for phrase in phrases):
             return f"installing {what} failed: {advice.format(python=python_version)}"
-    return (f"installing {what} failed (pip exit code {code}); its messages are above. Fix what they "
-            "say and start again; deleting the .venv folder forces a clean install.")
+    return (
+        f"installing {what} failed (pip exit code {code}); its messages are above. Fix what they "
+        "say and start again; deleting the .venv folder forces a clean install."
+    )
 
 
 def run_pip(python: str, pip_args: list[str], what: str = "the requirements") -> None:
@@ -123,10 +145,19 @@ def run_pip(python: str, pip_args: list[str], what: str = "the requirements") ->
         raise BootstrapError(diagnose_pip_failure(output, pip.returncode, version, what))
 
 
-def ensure_requirements(venv_dir: Path, app_dir: Path, variant: str, system: str, *, asked: bool = False,
-                        pip=run_pip, probe=torch_choice.index_problem, python: str = sys.executable,
-                        python_version: str = platform.python_version(),
-                        disk_free=lambda path: shutil.disk_usage(path).free) -> bool:
+def ensure_requirements(
+    venv_dir: Path,
+    app_dir: Path,
+    variant: str,
+    system: str,
+    *,
+    asked: bool = False,
+    pip=run_pip,
+    probe=torch_choice.index_problem,
+    python: str = sys.executable,
+    python_version: str = platform.python_version(),
+    disk_free=lambda path: shutil.disk_usage(path).free,
+) -> bool:
     """Install the requirements, then the app itself, when the stamp differs; True when it installed.
 
     PyTorch's index is tried first where the build comes from there; when it fails, a build not `asked` for falls
@@ -190,11 +221,15 @@ def command_line_note(venv_dir: Path, system: str) -> str | None:
     """Where the `apertis` command is and how to reach it; None when it is not installed."""
     if system == "Windows":
         if (venv_dir / "Scripts" / "apertis.exe").is_file():
-            return ("The `apertis` command line is in .venv\\Scripts: in the app folder run .venv\\Scripts\\activate "
-                    "(PowerShell: .venv\\Scripts\\Activate.ps1), then `apertis --help`.")
+            return (
+                "The `apertis` command line is in .venv\\Scripts: in the app folder run .venv\\Scripts\\activate "
+                "(PowerShell: .venv\\Scripts\\Activate.ps1), then `apertis --help`."
+            )
     elif (venv_dir / "bin" / "apertis").is_file():
-        return ("The `apertis` command line is in .venv/bin: in the app folder run `source .venv/bin/activate`, then "
-                "`apertis --help`.")
+        return (
+            "The `apertis` command line is in .venv/bin: in the app folder run `source .venv/bin/activate`, then "
+            "`apertis --help`."
+        )
     return None
 
 
@@ -237,12 +272,27 @@ def _stop(child, first_wait: float = 3) -> int:
     return child.wait()
 
 
-def run_studio(command: list[str], env: dict, cwd: Path, expected, open_browser: bool,
-               opener=webbrowser.open, start_timeout: float = 600) -> int:
+def run_studio(
+    command: list[str],
+    env: dict,
+    cwd: Path,
+    expected,
+    open_browser: bool,
+    opener=webbrowser.open,
+    start_timeout: float = 600,
+) -> int:
     """Run the studio until it exits; returns its exit code (128+N when it died of signal N)."""
     port_taken_before = port_answers(expected[1], expected[2])
-    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, encoding="utf-8", errors="replace")
+    child = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
     if os.name != "nt":  # `kill` reaches only us; Ctrl-C and a closed terminal reach the studio themselves
         signal.signal(signal.SIGTERM, lambda _signum, _frame: child.terminate())
     printed: dict = {}
@@ -287,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if sys.prefix == sys.base_prefix:
-            raise BootstrapError("bootstrap.py runs in the app's virtual environment: start with launchers/start.sh "
-                                 "(Windows: launchers\\start.bat, macOS: launchers/start.command).")
+            raise BootstrapError(
+                "bootstrap.py runs in the app's virtual environment: start with launchers/start.sh "
+                "(Windows: launchers\\start.bat, macOS: launchers/start.command)."
+            )
         requested = args.torch or os.environ.get("APERTIS_TORCH")
         variant, why = torch_choice.choose_torch(system, requested, torch_choice.nvidia_gpu_present)
         print(f"PyTorch build: {variant} ({why}).")
@@ -305,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     command, env = studio_command(sys.executable, args.studio_args, dict(os.environ))
     code = run_studio(command, env, app_dir, args.target, args.open_browser and browser_available(system, os.environ))
     if code > 128 and code != 130:
-        print(f"\nThe studio was ended by signal {code - 128} from outside (the system, or another program, "
-              "stopped it). Start it again; runs that were training are kept.", file=sys.stderr)
+        print(
+            f"\nThe studio was ended by signal {code - 128} from outside (the system, or another program, "
+            "stopped it). Start it again; runs that were training are kept.",
+            file=sys.stderr,
+        )
     elif code not in (0, 130):
         print(f"\nThe studio stopped with exit code {code}; its messages above say why.", file=sys.stderr)
     return code

@@ -74,8 +74,10 @@ def install_plan(system: str, variant: str, requirements: str) -> tuple[list[lis
     index, lines = torch_index(system, variant), requirements.splitlines()
     found = [TORCH_PIN.match(line) for line in lines]
     if index is None:
-        rest = [line if not pin or pin[2] != "==" else line[:pin.start(2)] + "===" + line[pin.end(2):]
-                for line, pin in zip(lines, found, strict=True)]
+        rest = [
+            line if not pin or pin[2] != "==" else line[: pin.start(2)] + "===" + line[pin.end(2) :]
+            for line, pin in zip(lines, found, strict=True)
+        ]
         return [], requirements if rest == lines else "\n".join(rest) + "\n"
     label = index.rstrip("/").rsplit("/", 1)[1]
     pins = [f"{pin[1]}=={pin[3]}+{label}" if pin[3] else pin[1] for pin in found if pin]
@@ -108,14 +110,19 @@ def index_name(variant: str) -> str:
 
 
 def fall_back(variant: str, went_wrong: str, asked: bool, kept: bool = False) -> str:
-    """"default" (PyPI's build) after PyTorch's index `went_wrong`, saying so (`kept`: it is installed already); an
+    """ "default" (PyPI's build) after PyTorch's index `went_wrong`, saying so (`kept`: it is installed already); an
     error instead when the build was asked for by name (--torch / APERTIS_TORCH), e.g. for a small desktop bundle,
     which PyPI's build would not give."""
     problem = f"{index_name(variant)} {went_wrong}"
     if asked:
-        raise BootstrapError(f"{problem}. Check the internet connection (and any proxy) and start again, or start "
-                             "with --torch default for the standard build from PyPI.")
+        raise BootstrapError(
+            f"{problem}. Check the internet connection (and any proxy) and start again, or start "
+            "with --torch default for the standard build from PyPI."
+        )
     result = "which is larger but runs the same" if variant == "cpu" else "which runs on the CPU only"
-    print(f"{problem}; {'keeping' if kept else 'installing'} the standard build instead, {result}. The next start "
-          f"tries {index_name(variant)} again.", flush=True)
+    print(
+        f"{problem}; {'keeping' if kept else 'installing'} the standard build instead, {result}. The next start "
+        f"tries {index_name(variant)} again.",
+        flush=True,
+    )
     return "default"

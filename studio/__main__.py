@@ -22,10 +22,14 @@ AUTH_ENV = "APERTIS_AUTH"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m studio", description="Apertis Studio: train, chat with and export small models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m studio", description="Apertis Studio: train, chat with and export small models."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this computer only)")
     parser.add_argument("--port", type=int, default=7860, help="first port to try; the next free one is used if taken")
-    parser.add_argument("--workspace", default=str(DEFAULT_WORKSPACE), help="folder for datasets, runs, models and the registry")
+    parser.add_argument(
+        "--workspace", default=str(DEFAULT_WORKSPACE), help="folder for datasets, runs, models and the registry"
+    )
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     parser.add_argument("--auth", default=None, help=f"USER:PASSWORD required to open the page (or set {AUTH_ENV})")
     parser.add_argument("--max-upload", default="2gb", help="largest file one upload may be (default 2gb)")
@@ -144,8 +148,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import launch  # imports gradio: only now that GRADIO_TEMP_DIR is set
 
-    launch(workspace, host=args.host, port=port, auth=auth, open_browser=not args.no_browser,
-           max_upload=args.max_upload, shutdown=shutdown, say=say)
+    launch(
+        workspace,
+        host=args.host,
+        port=port,
+        auth=auth,
+        open_browser=not args.no_browser,
+        max_upload=args.max_upload,
+        shutdown=shutdown,
+        say=say,
+    )
     return 0
 
 

@@ -39,8 +39,13 @@ def _empty(figure: go.Figure, note: str) -> go.Figure:
 
 def _layout(figure: go.Figure, title: str, ylabel: str) -> go.Figure:
     figure.update_layout(
-        title={"text": title, "x": 0.02}, height=300, margin={"l": 50, "r": 10, "t": 40, "b": 40},
-        legend={"orientation": "h", "y": -0.25}, xaxis_title="step", yaxis_title=ylabel, template="plotly_white",
+        title={"text": title, "x": 0.02},
+        height=300,
+        margin={"l": 50, "r": 10, "t": 40, "b": 40},
+        legend={"orientation": "h", "y": -0.25},
+        xaxis_title="step",
+        yaxis_title=ylabel,
+        template="plotly_white",
     )
     return figure
 

@@ -77,19 +77,26 @@ def ending_of(code: int | None, pid: int | None, seen_alive: bool) -> tuple[str,
     worker while it lived (if not, it was gone before this studio started)."""
     worker = f"the worker process (pid {pid})" if pid else "the worker process"
     if code is None and not seen_alive:
-        return rs.INTERRUPTED, (f"{worker} had ended before this studio started, without recording why (the "
-                                f"computer may have restarted, or the process was ended); {RESUME_HINT}")
+        return rs.INTERRUPTED, (
+            f"{worker} had ended before this studio started, without recording why (the "
+            f"computer may have restarted, or the process was ended); {RESUME_HINT}"
+        )
     if code is None:
-        return rs.FAILED, (f"{worker} ended while the studio was watching it, without recording why; it was started "
-                           f"by an earlier studio session, so its exit code is unknown. The log tail may say why; "
-                           f"{RESUME_HINT}")
+        return rs.FAILED, (
+            f"{worker} ended while the studio was watching it, without recording why; it was started "
+            f"by an earlier studio session, so its exit code is unknown. The log tail may say why; "
+            f"{RESUME_HINT}"
+        )
     if code < 0 and -code in ASKED_TO_END:
-        return rs.INTERRUPTED, (f"{worker} was ended from outside the studio by {exit_description(code)} (a `kill`, "
-                                f"logging out or the computer shutting down); {RESUME_HINT}")
+        return rs.INTERRUPTED, (
+            f"{worker} was ended from outside the studio by {exit_description(code)} (a `kill`, "
+            f"logging out or the computer shutting down); {RESUME_HINT}"
+        )
     killed = hasattr(signal, "SIGKILL") and code == -signal.SIGKILL
     hint = " (often the system ran out of memory: try a smaller batch or model)" if killed else ""
-    return rs.FAILED, (f"{worker} ended with {exit_description(code)}{hint} without finishing; the log tail "
-                       f"may say why; {RESUME_HINT}")
+    return rs.FAILED, (
+        f"{worker} ended with {exit_description(code)}{hint} without finishing; the log tail may say why; {RESUME_HINT}"
+    )
 
 
 class JobManager:
@@ -134,9 +141,13 @@ class JobManager:
         with self._lock:
             run = self._get(run_id)
             if run["status"] == rs.QUEUED:
-                if self.store.transition_run(run_id, rs.STOPPED, [rs.QUEUED], ended=time.time(),
-                                             exit_reason="taken out of the queue before it started; press Resume "
-                                                         "to queue it again"):
+                if self.store.transition_run(
+                    run_id,
+                    rs.STOPPED,
+                    [rs.QUEUED],
+                    ended=time.time(),
+                    exit_reason="taken out of the queue before it started; press Resume to queue it again",
+                ):
                     return f"{run['name']}: taken out of the queue (stopped); Resume queues it again"
                 run = self._get(run_id)  # a worker started by hand took it meanwhile
             if run["status"] in rs.ACTIVE:
@@ -152,7 +163,9 @@ class JobManager:
             if run["status"] in rs.EXTENDABLE:
                 raise JobError(f"{run['name']} already finished; use 'Train N more' to continue it")
             if run["status"] not in rs.RESUMABLE:
-                raise JobError(f"{run['name']} is {run['status']}; only a stopped, failed or interrupted run can resume")
+                raise JobError(
+                    f"{run['name']} is {run['status']}; only a stopped, failed or interrupted run can resume"
+                )
             from apertis_core.training import latest_checkpoint
 
             # The disk, not the registry: a worker killed right after saving may not have recorded the save.
@@ -166,16 +179,26 @@ class JobManager:
         with self._lock:
             run = self._get(run_id)
             if run["status"] not in rs.EXTENDABLE:
-                raise JobError(f"{run['name']} is {run['status']}; 'Train N more' continues a finished run "
-                               "(use Resume otherwise)")
+                raise JobError(
+                    f"{run['name']} is {run['status']}; 'Train N more' continues a finished run (use Resume otherwise)"
+                )
             if int(steps) < 1:
                 raise JobError(f"steps must be at least 1, got {steps}")
             self._requeue(run, rs.EXTENDABLE, mode="more", extra_steps=int(steps))
         return f"{run['name']}: queued for {int(steps)} more steps"
 
     def _requeue(self, run: dict[str, Any], expected: tuple[str, ...], mode: str, extra_steps: int) -> None:
-        if not self.store.transition_run(run["id"], rs.QUEUED, expected, mode=mode, extra_steps=extra_steps,
-                                         pid=None, exit_code=None, exit_reason=None, log_tail=None):
+        if not self.store.transition_run(
+            run["id"],
+            rs.QUEUED,
+            expected,
+            mode=mode,
+            extra_steps=extra_steps,
+            pid=None,
+            exit_code=None,
+            exit_reason=None,
+            log_tail=None,
+        ):
             raise JobError(f"{run['name']} changed state meanwhile; refresh and try again")
         self.poll()
 
@@ -219,8 +242,15 @@ class JobManager:
         code = proc.returncode if proc is not None else None
         status, reason = ending_of(code, run["pid"], run["id"] in self._seen_alive)
         self._seen_alive.discard(run["id"])
-        self.store.transition_run(run["id"], status, rs.ACTIVE, ended=time.time(), exit_code=code,
-                                  exit_reason=reason, log_tail=log_tail(run["out_dir"]))
+        self.store.transition_run(
+            run["id"],
+            status,
+            rs.ACTIVE,
+            ended=time.time(),
+            exit_code=code,
+            exit_reason=reason,
+            log_tail=log_tail(run["out_dir"]),
+        )
 
     def _launch(self, run: dict[str, Any]) -> None:
         out_dir = Path(run["out_dir"])
@@ -229,17 +259,30 @@ class JobManager:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
         # Own session / process group: Ctrl-C in the studio's terminal must not kill the training.
-        detach = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+        detach = (
+            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+        )
         command = worker_command(self.store.root, run["id"])
         try:
             with (out_dir / LOG_NAME).open("ab") as log:
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, cwd=str(out_dir), **detach)
+                proc = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=str(out_dir),
+                    **detach,
+                )
         except OSError as exc:  # a missing executable, no memory for a process, an unwritable run folder
             self.store.transition_run(
-                run["id"], rs.FAILED, [rs.QUEUED], ended=time.time(),
+                run["id"],
+                rs.FAILED,
+                [rs.QUEUED],
+                ended=time.time(),
                 exit_reason=f"the worker process could not start ({exc}); check that {command[0]} exists and "
-                            f"the workspace is writable, then press Resume")
+                f"the workspace is writable, then press Resume",
+            )
             return
         self._procs[run["id"]] = proc
         self._seen_alive.add(run["id"])

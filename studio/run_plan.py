@@ -44,9 +44,27 @@ PACE_WINDOW_S = 60.0  # the live ETA uses the pace of this much of the trainer's
 CONFIRM_PHRASE = "I understand this run will take about {days} days"
 
 # Train settings that change how many steps there are, or what they learn, but not how long one takes.
-PACE_NEUTRAL = frozenset({"max_steps", "max_minutes", "warmup_steps", "schedule", "decay_fraction", "lr", "min_lr_ratio",
-                          "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "rewarm_fraction",
-                          "sample_every", "weight_decay", "betas", "grad_clip"})
+PACE_NEUTRAL = frozenset(
+    {
+        "max_steps",
+        "max_minutes",
+        "warmup_steps",
+        "schedule",
+        "decay_fraction",
+        "lr",
+        "min_lr_ratio",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep_last",
+        "log_every",
+        "rewarm_fraction",
+        "sample_every",
+        "weight_decay",
+        "betas",
+        "grad_clip",
+    }
+)
 
 # Store -> {key: (time.time(), Measurement)}: one cache per workspace, so two apps in a process never share.
 _measurements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -75,14 +93,18 @@ class RunPlan:
 
         lines = []
         if self.sharing and not self.ahead:
-            lines.append(f"shared CPU/GPU  measured while {_runs(self.sharing)} trained; this run starts now "
-                         "and shares the device with them, so it speeds up when they end")
+            lines.append(
+                f"shared CPU/GPU  measured while {_runs(self.sharing)} trained; this run starts now "
+                "and shares the device with them, so it speeds up when they end"
+            )
         if self.ahead:
             wait = f", about {format_duration(self.wait_s)} from now" if self.wait_s is not None else ""
             lines.append(f"queue           starts after {_runs(self.ahead)} ahead of it{wait}")
             if self.sharing:
-                lines.append(f"                (its speed was measured beside {_runs(self.sharing)} and scaled to "
-                             "the device it will have then: an estimate until it trains)")
+                lines.append(
+                    f"                (its speed was measured beside {_runs(self.sharing)} and scaled to "
+                    "the device it will have then: an estimate until it trains)"
+                )
         return lines
 
 
@@ -149,9 +171,12 @@ def _measure_like_a_worker(run_config):
 
 
 def _scaled(measurement, factor: float):
-    return dataclasses.replace(measurement, step_s=measurement.step_s * factor,
-                               first_step_s=measurement.first_step_s * factor,
-                               sample_token_s=measurement.sample_token_s * factor)
+    return dataclasses.replace(
+        measurement,
+        step_s=measurement.step_s * factor,
+        first_step_s=measurement.first_step_s * factor,
+        sample_token_s=measurement.sample_token_s * factor,
+    )
 
 
 def _queue(services, device: str) -> tuple[list[dict[str, Any]], int, float | None]:
@@ -197,8 +222,13 @@ def plan_text(services, dataset_id: str | None, mapping: dict[str, Any], measure
 
 
 # ---- Start checks -------------------------------------------------------------------------------------
-def check_start(services, dataset_id: str | None, mapping: dict[str, Any], confirmed_long: bool = False,
-                measure: Measure | None = None) -> StartCheck:
+def check_start(
+    services,
+    dataset_id: str | None,
+    mapping: dict[str, Any],
+    confirmed_long: bool = False,
+    measure: Measure | None = None,
+) -> StartCheck:
     """Refuse what cannot work (no usable data, a config or data error the trainer would hit, a run longer
     than a year) and a run longer than LONG_RUN_S unless `confirmed_long`; otherwise pass with the plan."""
     refusal = dataset_refusal(services, dataset_id)
@@ -224,12 +254,20 @@ def _length_check(run_plan: RunPlan, mapping: dict[str, Any], confirmed_long: bo
     budget = float((mapping.get("train") or {}).get("max_minutes") or 0)
     what = f"a time budget of {budget:,.0f} minutes" if budget > 0 else f"{plan.total_steps:,} steps"
     if seconds > ABSURD_RUN_S:
-        return StartCheck(False, f"{what} would take {took}; a run that long cannot be started. Lower Training "
-                                 "steps (a few hundred is a good first run) or set a Time budget in minutes.", run_plan)
+        return StartCheck(
+            False,
+            f"{what} would take {took}; a run that long cannot be started. Lower Training "
+            "steps (a few hundred is a good first run) or set a Time budget in minutes.",
+            run_plan,
+        )
     if seconds > LONG_RUN_S and not confirmed_long:
         days = confirm_days(seconds)
-        return StartCheck(False, f"{what} would take {took}. To start it anyway, tick '{CONFIRM_PHRASE.format(days=days)}' "
-                                 "and press Start; or lower Training steps, or set a Time budget.", run_plan)
+        return StartCheck(
+            False,
+            f"{what} would take {took}. To start it anyway, tick '{CONFIRM_PHRASE.format(days=days)}' "
+            "and press Start; or lower Training steps, or set a Time budget.",
+            run_plan,
+        )
     return StartCheck(True, f"planned: {format_duration(seconds)}", run_plan)
 
 
@@ -243,17 +281,29 @@ def dataset_refusal(services, dataset_id: str | None) -> str | None:
     if row is None:
         return "pick a dataset first (add one in the Dataset tab)"
     if not Path(row["path"]).exists():
-        return (f"the files of dataset {row['name']!r} are no longer in the workspace ({row['path']}); "
-                "add them again in the Dataset tab")
+        return (
+            f"the files of dataset {row['name']!r} are no longer in the workspace ({row['path']}); "
+            "add them again in the Dataset tab"
+        )
     summary = row.get("summary") or {}
     if summary.get("records", 1) > 0:  # no count stored (an older workspace): the trainer still checks
         return None
     problems = validation_problems(services, row["path"])
     listed = "\n".join(f"- {p}" for p in problems[:PROBLEMS_SHOWN])
-    more = f"\n- ... and {len(problems) - PROBLEMS_SHOWN} more (the Dataset tab lists them all)" if len(problems) > PROBLEMS_SHOWN else ""
-    found = f"Its validation found:\n{listed}{more}\n" if problems else "Nothing in it could be read as text or conversations.\n"
-    return (f"dataset {row['name']!r} has no usable records, so there is nothing to train on. {found}"
-            "Fix these in your files and add them again in the Dataset tab, or pick another dataset.")
+    more = (
+        f"\n- ... and {len(problems) - PROBLEMS_SHOWN} more (the Dataset tab lists them all)"
+        if len(problems) > PROBLEMS_SHOWN
+        else ""
+    )
+    found = (
+        f"Its validation found:\n{listed}{more}\n"
+        if problems
+        else "Nothing in it could be read as text or conversations.\n"
+    )
+    return (
+        f"dataset {row['name']!r} has no usable records, so there is nothing to train on. {found}"
+        "Fix these in your files and add them again in the Dataset tab, or pick another dataset."
+    )
 
 
 def validation_problems(services, path: str) -> list[str]:
@@ -277,6 +327,16 @@ def recent_pace(rows: list[dict[str, Any]], window_s: float = PACE_WINDOW_S) -> 
     if last_step <= first_step or last_t <= first_t:
         return None
     return (last_step - first_step) / (last_t - first_t)
+
+
+def live_eta_text(services, run: dict[str, Any]) -> str:
+    """ " · N steps/s · ETA D" for a training run's progress line (from live_eta); "" when there is none."""
+    seconds, pace = live_eta(services, run)
+    if seconds is None:
+        return ""
+    from apertis_core.training.planning import format_duration
+
+    return f" · {pace:.2f} steps/s · ETA {format_duration(seconds)}"
 
 
 def live_eta(services, run: dict[str, Any]) -> tuple[float | None, float | None]:

@@ -9,7 +9,14 @@ allow. Keeping the words and the moves in one place is what stops a run from rea
 from __future__ import annotations
 
 QUEUED, RUNNING, STOPPING, STOPPED, FINISHED, FAILED, INTERRUPTED = (
-    "queued", "running", "stopping", "stopped", "finished", "failed", "interrupted")
+    "queued",
+    "running",
+    "stopping",
+    "stopped",
+    "finished",
+    "failed",
+    "interrupted",
+)
 
 # One line each: what the state means for the user and what they can do next.
 MEANINGS: dict[str, str] = {

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apertis_core.filenames import FINAL_DIR, STOP_FILE
+
 CONFIG_NAME = "config.yaml"  # the config as submitted; `apertis train <run>/config.yaml` repeats the run
 LOG_NAME = "worker.log"  # the worker's stdout and stderr
-STOP_NAME = "STOP"  # the trainer's cooperative stop request: it saves a checkpoint and returns
-FINAL_NAME = "final"  # the trainer's final bundle folder inside the run directory
+STOP_NAME = STOP_FILE  # the trainer's cooperative stop request: it saves a checkpoint and returns
+FINAL_NAME = FINAL_DIR  # the trainer's final bundle folder inside the run directory
 
 
 def log_tail(out_dir: str | Path, lines: int = 40) -> str:

@@ -36,9 +36,15 @@ class LoginThrottle:
     with no failure for forget_after_s starts afresh. Every attempt counts as failed until it succeeds, so
     attempts sent all at once cannot slip through together."""
 
-    def __init__(self, free_attempts: int = 5, base_delay_s: float = 1.0, max_delay_s: float = 300.0,
-                 forget_after_s: float = 900.0, clock: Callable[[], float] = time.monotonic,
-                 max_clients: int = 10_000):
+    def __init__(
+        self,
+        free_attempts: int = 5,
+        base_delay_s: float = 1.0,
+        max_delay_s: float = 300.0,
+        forget_after_s: float = 900.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ):
         self.free_attempts = free_attempts
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
@@ -132,8 +138,12 @@ def gradio_file_roots() -> list[str]:
 class StudioGuard:
     """ASGI middleware: the file-route policy and the sign-in throttle (see the module docstring)."""
 
-    def __init__(self, app, throttle: LoginThrottle | None = None,
-                 roots: Callable[[], Iterable[str | os.PathLike]] = gradio_file_roots):
+    def __init__(
+        self,
+        app,
+        throttle: LoginThrottle | None = None,
+        roots: Callable[[], Iterable[str | os.PathLike]] = gradio_file_roots,
+    ):
         self.app = app
         self.throttle = throttle
         self.roots = roots
@@ -160,8 +170,12 @@ class StudioGuard:
         wait = self.throttle.attempt(client)
         if wait > 0:
             seconds = math.ceil(wait)
-            await _respond(send, 429, {"detail": f"Too many failed sign-ins from this address; wait {seconds} s "
-                                                 "and try again."}, {"retry-after": str(seconds)})
+            await _respond(
+                send,
+                429,
+                {"detail": f"Too many failed sign-ins from this address; wait {seconds} s and try again."},
+                {"retry-after": str(seconds)},
+            )
             return
 
         async def watch(message: dict[str, Any]) -> None:
@@ -177,7 +191,7 @@ def _route_value(path: str, prefixes: tuple[str, ...]) -> str | None:
     for prefix in prefixes:
         at = path.find(prefix)
         if at >= 0:
-            return path[at + len(prefix):]
+            return path[at + len(prefix) :]
     return None
 
 

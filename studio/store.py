@@ -49,8 +49,20 @@ CREATE TABLE IF NOT EXISTS models(
 CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_RUN_FIELDS = {"name", "pid", "config", "mode", "extra_steps", "step", "total_steps", "started", "ended",
-               "exit_code", "exit_reason", "log_tail"}
+_RUN_FIELDS = {
+    "name",
+    "pid",
+    "config",
+    "mode",
+    "extra_steps",
+    "step",
+    "total_steps",
+    "started",
+    "ended",
+    "exit_code",
+    "exit_reason",
+    "log_tail",
+}
 
 
 def new_id(prefix: str) -> str:
@@ -106,12 +118,15 @@ class Store:
                 return  # another process migrated it meanwhile
             db.execute(
                 "UPDATE runs SET status = ? WHERE status = ? AND (exit_reason LIKE 'stopped on request%' "
-                "OR exit_reason LIKE 'cancelled before it started%')", (run_states.STOPPED, run_states.INTERRUPTED))
+                "OR exit_reason LIKE 'cancelled before it started%')",
+                (run_states.STOPPED, run_states.INTERRUPTED),
+            )
             marks = ",".join("?" * len(RUN_STATUSES))
             db.execute(
                 f"UPDATE runs SET exit_reason = 'its status was ' || quote(status) || ', a word this studio does not "
                 f"know; press Resume to continue it from its last checkpoint', status = ? WHERE status NOT IN ({marks})",
-                (run_states.INTERRUPTED, *RUN_STATUSES))
+                (run_states.INTERRUPTED, *RUN_STATUSES),
+            )
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -206,7 +221,9 @@ class Store:
         if expected is not None:
             impossible = sorted(set(expected) - set(allowed))
             if impossible:
-                raise ValueError(f"a run cannot move from {impossible} to {status!r}; the table allows it from {allowed}")
+                raise ValueError(
+                    f"a run cannot move from {impossible} to {status!r}; the table allows it from {allowed}"
+                )
             allowed = tuple(expected)
         _check_run_fields(fields)
         assignments = ", ".join(f"{key} = ?" for key in ("status", *fields))
@@ -230,7 +247,9 @@ class Store:
                 records.append((run_id, int(step), key, None, json.dumps(value, default=str), now))
         if records:
             with self.transaction() as db:
-                db.executemany("INSERT INTO metrics(run_id, step, key, value, json, t) VALUES (?, ?, ?, ?, ?, ?)", records)
+                db.executemany(
+                    "INSERT INTO metrics(run_id, step, key, value, json, t) VALUES (?, ?, ?, ?, ?, ?)", records
+                )
         return len(records)
 
     def drop_metrics_after(self, run_id: str, step: int) -> None:
@@ -240,7 +259,10 @@ class Store:
 
     def metrics(self, run_id: str, keys: Iterable[str] | None = None, after_step: int = -1) -> list[dict[str, Any]]:
         """Rows {step, key, value, t} in step order; `value` is the number or the decoded JSON."""
-        sql, params = "SELECT step, key, value, json, t FROM metrics WHERE run_id = ? AND step > ?", [run_id, after_step]
+        sql, params = (
+            "SELECT step, key, value, json, t FROM metrics WHERE run_id = ? AND step > ?",
+            [run_id, after_step],
+        )
         if keys is not None:
             keys = list(keys)
             sql += f" AND key IN ({','.join('?' * len(keys))})"
@@ -260,7 +282,9 @@ class Store:
         return self._connection().execute("SELECT COUNT(*) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
 
     def metric_keys(self, run_id: str) -> list[str]:
-        return [r["key"] for r in self._rows("SELECT DISTINCT key FROM metrics WHERE run_id = ? ORDER BY key", (run_id,))]
+        return [
+            r["key"] for r in self._rows("SELECT DISTINCT key FROM metrics WHERE run_id = ? ORDER BY key", (run_id,))
+        ]
 
     def metrics_csv(self, run_id: str) -> str:
         """One row per step, one column per numeric key (the results.csv shape)."""
@@ -289,12 +313,15 @@ class Store:
             params += kinds
         return [_decode_json(row, "payload") for row in self._rows(sql + " ORDER BY id", params)]
 
-
-    def add_model(self, name: str, path: str | os.PathLike, kind: str = "bundle", run_id: str | None = None, card: str = "") -> str:
+    def add_model(
+        self, name: str, path: str | os.PathLike, kind: str = "bundle", run_id: str | None = None, card: str = ""
+    ) -> str:
         existing = self._one("SELECT id FROM models WHERE path = ?", (str(path),))
         if existing:  # re-registering the same folder (a run finishing twice, an import) updates it
             with self.transaction() as db:
-                db.execute("UPDATE models SET name = ?, kind = ?, card = ? WHERE id = ?", (name, kind, card, existing["id"]))
+                db.execute(
+                    "UPDATE models SET name = ?, kind = ?, card = ? WHERE id = ?", (name, kind, card, existing["id"])
+                )
             return existing["id"]
         model_id = new_id("model")
         with self.transaction() as db:
@@ -313,7 +340,6 @@ class Store:
     def delete_model(self, model_id: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM models WHERE id = ?", (model_id,))
-
 
     def get_setting(self, key: str, default: Any = None) -> Any:
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))

@@ -180,18 +180,25 @@ class OutsideStop:
 
     def reason(self, saved: bool) -> str:
         what = "a checkpoint was saved - " if saved else ""
-        return (f"the worker was ended from outside the studio by {self.signal_name} (a `kill`, logging out or the "
-                f"computer shutting down); {what}press Resume to continue from the last checkpoint")
+        return (
+            f"the worker was ended from outside the studio by {self.signal_name} (a `kill`, logging out or the "
+            f"computer shutting down); {what}press Resume to continue from the last checkpoint"
+        )
 
 
 def _end(store: Store, run_id: str, status: str, **fields: Any) -> None:
     """Record how the run ended, through the state table, and say it as the log's last line."""
     if not store.transition_run(run_id, status, rs.ACTIVE, ended=time.time(), **fields):
         run = store.get_run(run_id)
-        print(f"worker {os.getpid()}: run {run_id} ended {status}, but the registry already says "
-              f"{run and run['status']}; left as it is", flush=True)
+        print(
+            f"worker {os.getpid()}: run {run_id} ended {status}, but the registry already says "
+            f"{run and run['status']}; left as it is",
+            flush=True,
+        )
         return
-    print(f"worker {os.getpid()}: run {run_id} {status}: {fields.get('exit_reason') or rs.MEANINGS[status]}", flush=True)
+    print(
+        f"worker {os.getpid()}: run {run_id} {status}: {fields.get('exit_reason') or rs.MEANINGS[status]}", flush=True
+    )
 
 
 def _finish(store: Store, run_id: str, result: Any, out_dir: Path, outside: OutsideStop) -> None:
@@ -201,8 +208,13 @@ def _finish(store: Store, run_id: str, result: Any, out_dir: Path, outside: Outs
         _end(store, run_id, rs.INTERRUPTED, exit_code=0, exit_reason=outside.reason(saved=True))
         return
     if stopped:
-        _end(store, run_id, rs.STOPPED, exit_code=0,
-             exit_reason=f"stopped on request{at}; a checkpoint was saved - press Resume to continue")
+        _end(
+            store,
+            run_id,
+            rs.STOPPED,
+            exit_code=0,
+            exit_reason=f"stopped on request{at}; a checkpoint was saved - press Resume to continue",
+        )
         return
     _end(store, run_id, rs.FINISHED, exit_code=0, exit_reason=f"finished{at}")
     bundle = Path(getattr(result, "bundle_dir", None) or out_dir / FINAL_NAME)
@@ -219,8 +231,10 @@ def _take_run(store: Store, run: dict[str, Any]) -> str | None:
     if run["status"] == rs.QUEUED and store.transition_run(run["id"], rs.RUNNING, [rs.QUEUED]):
         return None  # a worker started by hand takes its run out of the queue itself
     current = store.get_run(run["id"])["status"]
-    return (f"run {run['id']} is not queued ({rs.describe(current)}). Press Resume (or Train N more) in the studio "
-            "to queue it, then start the worker")
+    return (
+        f"run {run['id']} is not queued ({rs.describe(current)}). Press Resume (or Train N more) in the studio "
+        "to queue it, then start the worker"
+    )
 
 
 def run_worker(workspace: str | Path, run_id: str) -> int:
@@ -239,7 +253,9 @@ def run_worker(workspace: str | Path, run_id: str) -> int:
     out_dir = Path(run["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     outside = OutsideStop(out_dir).install()
-    store.update_run(run_id, pid=os.getpid(), started=time.time(), ended=None, exit_code=None, exit_reason=None, log_tail=None)
+    store.update_run(
+        run_id, pid=os.getpid(), started=time.time(), ended=None, exit_code=None, exit_reason=None, log_tail=None
+    )
     mode = run["mode"]
     print(f"worker {os.getpid()}: run {run_id} ({mode}) in {out_dir}", flush=True)
     registry = RegistryCallback(store, run_id)
@@ -256,12 +272,24 @@ def run_worker(workspace: str | Path, run_id: str) -> int:
         sys.stdout.flush()
         registry.close()
         if outside.signal_name is not None:
-            _end(store, run_id, rs.INTERRUPTED, exit_code=1, exit_reason=outside.reason(saved=False),
-                 log_tail=log_tail(out_dir))
+            _end(
+                store,
+                run_id,
+                rs.INTERRUPTED,
+                exit_code=1,
+                exit_reason=outside.reason(saved=False),
+                log_tail=log_tail(out_dir),
+            )
             return 1
         reason = f"{type(exc).__name__}: {exc}".strip()
-        _end(store, run_id, rs.FAILED, exit_code=1, exit_reason=reason or "the trainer failed; see the log tail",
-             log_tail=log_tail(out_dir))
+        _end(
+            store,
+            run_id,
+            rs.FAILED,
+            exit_code=1,
+            exit_reason=reason or "the trainer failed; see the log tail",
+            log_tail=log_tail(out_dir),
+        )
         return 1
     registry.close()
     _finish(store, run_id, result, out_dir, outside)

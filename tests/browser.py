@@ -36,7 +36,9 @@ CHROMIUM_ARGS = [
 def _require(found, what: str, install: str):
     if found is None:
         if os.environ.get("CI") == "true":
-            raise RuntimeError(f"CI must run the browser tests, but {what} is missing: check the install step in .ci/run")
+            raise RuntimeError(
+                f"CI must run the browser tests, but {what} is missing: check the install step in .ci/run"
+            )
         pytest.skip(f"{what} is not installed ({install})")
     return found
 

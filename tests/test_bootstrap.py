@@ -37,10 +37,13 @@ def test_arguments_pass_through_in_order_without_torch():
     assert args.target == ("http://localhost:7999/", "localhost", 7999) and args.open_browser
 
 
-@pytest.mark.parametrize("argv, target, browser", [
-    (["--torch=cuda", "--no-browser"], ("http://127.0.0.1:7860/", "127.0.0.1", 7860), False),
-    (["--port", "7001", "--host", "0.0.0.0", "--port=7002"], ("http://127.0.0.1:7002/", "127.0.0.1", 7002), True),
-])
+@pytest.mark.parametrize(
+    "argv, target, browser",
+    [
+        (["--torch=cuda", "--no-browser"], ("http://127.0.0.1:7860/", "127.0.0.1", 7860), False),
+        (["--port", "7001", "--host", "0.0.0.0", "--port=7002"], ("http://127.0.0.1:7002/", "127.0.0.1", 7002), True),
+    ],
+)
 def test_default_target_last_port_wins_and_a_wildcard_host_is_polled_on_loopback(argv, target, browser):
     args = bootstrap.parse_args(argv)
     assert (args.target, args.open_browser) == (target, browser) and "--torch=cuda" not in args.studio_args
@@ -60,10 +63,15 @@ def test_studio_command_adds_no_browser_once_and_isolates_the_environment():
     assert env["PYTHONNOUSERSITE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
 
 
-@pytest.mark.parametrize("system, gpu, variant, why", [
-    ("Linux", True, "cuda", "NVIDIA GPU was found"), ("Windows", True, "cuda", "NVIDIA GPU was found"),
-    ("Linux", False, "cpu", "~3 GB smaller"), ("Windows", False, "cpu", "Windows build is the CPU-only one"),
-])
+@pytest.mark.parametrize(
+    "system, gpu, variant, why",
+    [
+        ("Linux", True, "cuda", "NVIDIA GPU was found"),
+        ("Windows", True, "cuda", "NVIDIA GPU was found"),
+        ("Linux", False, "cpu", "~3 GB smaller"),
+        ("Windows", False, "cpu", "Windows build is the CPU-only one"),
+    ],
+)
 def test_torch_follows_the_gpu_on_linux_and_windows(system, gpu, variant, why):
     chosen, reason = torch_choice.choose_torch(system, None, lambda: gpu)
     assert chosen == variant and why in reason
@@ -95,17 +103,29 @@ def test_gpu_probe_needs_a_working_nvidia_smi():
     assert not torch_choice.nvidia_gpu_present(Mock(side_effect=subprocess.TimeoutExpired("nvidia-smi", 20)), found)
 
 
-@pytest.mark.parametrize("system, variant", [("Linux", "default"), ("Linux", "cuda"), ("Darwin", "default"),
-                                             ("Darwin", "cpu"), ("Windows", "cpu"), ("Windows", "default")])
+@pytest.mark.parametrize(
+    "system, variant",
+    [
+        ("Linux", "default"),
+        ("Linux", "cuda"),
+        ("Darwin", "default"),
+        ("Darwin", "cpu"),
+        ("Windows", "cpu"),
+        ("Windows", "default"),
+    ],
+)
 def test_pypi_builds_pin_torch_and_torchvision_exactly_so_a_cpu_build_gets_replaced(system, variant):
     assert torch_choice.install_plan(system, variant, REQUIREMENTS) == (
-        [], "# pins\ntorch===2.13.0\ntorchvision===0.28.0\ntorch-geometric==2.0\ngradio==6.31.0\n")
+        [],
+        "# pins\ntorch===2.13.0\ntorchvision===0.28.0\ntorch-geometric==2.0\ngradio==6.31.0\n",
+    )
     exact = "torch===2.13.0\ntorchvision===0.28.0 ; sys_platform != 'emscripten'\ntorchvision-x==1\n"
     assert torch_choice.install_plan(system, variant, exact) == ([], exact)
 
 
-@pytest.mark.parametrize("system, variant, index, label", [("Linux", "cpu", "/whl/cpu", "+cpu"),
-                                                           ("Windows", "cuda", "/whl/cu130", "+cu130")])
+@pytest.mark.parametrize(
+    "system, variant, index, label", [("Linux", "cpu", "/whl/cpu", "+cpu"), ("Windows", "cuda", "/whl/cu130", "+cu130")]
+)
 def test_pytorch_index_builds_take_torch_out_of_the_requirements(system, variant, index, label):
     first, rest = torch_choice.install_plan(system, variant, REQUIREMENTS)
     assert len(first) == 1 and first[0][1].endswith(index)
@@ -129,7 +149,7 @@ def test_stamp_changes_with_requirements_project_folder_variant_or_python():
     stamp = bootstrap.requirements_stamp(*parts)
     assert stamp == bootstrap.requirements_stamp(*parts)
     for i, changed in enumerate((REQUIREMENTS + "tqdm\n", "[project]\nx\n", "/home/me/moved", "cpu", "3.11.8")):
-        assert stamp != bootstrap.requirements_stamp(*parts[:i], changed, *parts[i + 1:])
+        assert stamp != bootstrap.requirements_stamp(*parts[:i], changed, *parts[i + 1 :])
 
 
 def test_low_disk_and_old_python_are_errors_with_the_numbers():
@@ -148,8 +168,10 @@ def test_paths_with_spaces_pass_and_non_ascii_warns_on_windows_only():
 
 
 def test_pip_failures_are_explained():
-    offline = "WARNING: Retrying ... NewConnectionError: Failed to establish a new connection: [Errno -3] " \
-              "Temporary failure in name resolution\nERROR: No matching distribution found for torch===2.13.0\n"
+    offline = (
+        "WARNING: Retrying ... NewConnectionError: Failed to establish a new connection: [Errno -3] "
+        "Temporary failure in name resolution\nERROR: No matching distribution found for torch===2.13.0\n"
+    )
     assert "internet connection" in bootstrap.diagnose_pip_failure(offline, 1, "3.11.7")
     assert "Python 3.14.0" in bootstrap.diagnose_pip_failure("ERROR: No matching distribution", 1, "3.14.0")
     assert "exit code 2" in bootstrap.diagnose_pip_failure("something new", 2, "3.11.7")
@@ -176,10 +198,21 @@ def unreachable(index):
     return "[Errno -3] Temporary failure in name resolution"
 
 
-def install(app, pip, system="Linux", variant="default", python_version="3.11.7", free=PLENTY, probe=must_not_run,
-            asked=False):
-    return bootstrap.ensure_requirements(app / "venv", app / "app", variant, system, asked=asked, pip=pip, probe=probe,
-                                         python="py", python_version=python_version, disk_free=lambda path: free)
+def install(
+    app, pip, system="Linux", variant="default", python_version="3.11.7", free=PLENTY, probe=must_not_run, asked=False
+):
+    return bootstrap.ensure_requirements(
+        app / "venv",
+        app / "app",
+        variant,
+        system,
+        asked=asked,
+        pip=pip,
+        probe=probe,
+        python="py",
+        python_version=python_version,
+        disk_free=lambda path: free,
+    )
 
 
 @pytest.fixture
@@ -254,8 +287,10 @@ def test_unreachable_cpu_index_installs_the_standard_build_says_so_and_stamps_wh
     pip = FakePip()
     assert install(app, pip, variant="cpu", probe=unreachable)
     out = capsys.readouterr().out
-    assert ("PyTorch's CPU index could not be reached ([Errno -3] Temporary failure in name resolution); installing "
-            "the standard build instead, which is larger but runs the same.") in out
+    assert (
+        "PyTorch's CPU index could not be reached ([Errno -3] Temporary failure in name resolution); installing "
+        "the standard build instead, which is larger but runs the same."
+    ) in out
     assert not any(is_index(args) for args in pip.calls)
     assert "torch===2.13.0" in Path(pip.calls[0][1]).read_text() and "--editable" in pip.calls[1]
     assert stamped(app, "default") and not stamped(app, "cpu")
@@ -330,6 +365,7 @@ def test_index_probe_says_why_it_failed_and_never_waits_much_longer_than_its_tim
     assert "name resolution" in torch_choice.index_problem(CPU_INDEX, opener=dns_failure)
     release = threading.Event()
     try:  # a name lookup that hangs, which urlopen's own timeout does not cover
+
         def hangs(url, timeout):
             release.wait(30)
             raise OSError("too late")
@@ -371,11 +407,14 @@ def test_main_prints_the_build_and_why_then_where_the_apertis_command_is(tmp_pat
     assert "The `apertis` command line is in .venv/bin" in out
 
 
-@pytest.mark.parametrize("code, says", [
-    (143, "ended by signal 15 from outside"),  # killed by something else: nothing above explains it
-    (2, "exit code 2; its messages above say why"),
-    (0, None),
-])
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (143, "ended by signal 15 from outside"),  # killed by something else: nothing above explains it
+        (2, "exit code 2; its messages above say why"),
+        (0, None),
+    ],
+)
 def test_main_explains_how_the_studio_ended(tmp_path, monkeypatch, capsys, code, says):
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
     monkeypatch.setattr(bootstrap, "ensure_requirements", lambda *args, **kwargs: None)
@@ -385,14 +424,17 @@ def test_main_explains_how_the_studio_ended(tmp_path, monkeypatch, capsys, code,
     assert (says in err) if says else err == ""
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("* Running on local URL:  http://127.0.0.1:7861", ("http://127.0.0.1:7861", "127.0.0.1", 7861)),
-    ("Running on http://localhost:7862/ now.", ("http://localhost:7862/", "localhost", 7862)),
-    ("listening on http://0.0.0.0:7863", ("http://127.0.0.1:7863/", "127.0.0.1", 7863)),
-    ("at https://[::1]:8443/studio", ("https://[::1]:8443/studio", "::1", 8443)),
-    ("see https://www.gradio.app/guides for help", None),
-    ("nothing here", None),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("* Running on local URL:  http://127.0.0.1:7861", ("http://127.0.0.1:7861", "127.0.0.1", 7861)),
+        ("Running on http://localhost:7862/ now.", ("http://localhost:7862/", "localhost", 7862)),
+        ("listening on http://0.0.0.0:7863", ("http://127.0.0.1:7863/", "127.0.0.1", 7863)),
+        ("at https://[::1]:8443/studio", ("https://[::1]:8443/studio", "::1", 8443)),
+        ("see https://www.gradio.app/guides for help", None),
+        ("nothing here", None),
+    ],
+)
 def test_find_url(line, expected):
     assert bootstrap.find_url(line) == expected
 
@@ -446,8 +488,7 @@ def test_browser_opens_the_printed_url_once_served_and_exit_code_returns(tmp_pat
         return True
 
     expected = (f"http://127.0.0.1:{busy_port}/", "127.0.0.1", busy_port)
-    code = bootstrap.run_studio([sys.executable, "-c", FAKE_STUDIO], dict(os.environ), tmp_path, expected, True,
-                                opener)
+    code = bootstrap.run_studio([sys.executable, "-c", FAKE_STUDIO], dict(os.environ), tmp_path, expected, True, opener)
     assert code == 7
     [(url, status)] = opened
     assert status == 200 and url.startswith("http://127.0.0.1:") and url != expected[0]
@@ -469,8 +510,9 @@ def test_an_unexpected_error_does_not_leave_the_studio_running(tmp_path, busy_po
     monkeypatch.setattr(subprocess, "Popen", popen)
     expected = (f"http://127.0.0.1:{busy_port}/", "127.0.0.1", busy_port)
     with pytest.raises(AssertionError, match="must not be called"):  # the browser opener failing, say
-        bootstrap.run_studio([sys.executable, "-c", FAKE_STUDIO], dict(os.environ), tmp_path, expected, True,
-                             must_not_run)
+        bootstrap.run_studio(
+            [sys.executable, "-c", FAKE_STUDIO], dict(os.environ), tmp_path, expected, True, must_not_run
+        )
     assert started[0].wait(timeout=10) == -9  # killed, not left serving
 
 

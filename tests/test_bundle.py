@@ -139,6 +139,8 @@ def test_card_is_titled_by_run_and_names_data_without_paths(tmp_path, tokenizer)
     text = (tmp_path / "runs" / "my-run" / "final" / "README.md").read_text()
     assert text.startswith("# my-run\n") and "| dataset | train.jsonl |" in text and "| data | records: 3 |" in text
     assert "| exported from | x |" in text and str(tmp_path) not in text and "someone" not in text
-    save_bundle(tmp_path / "b", model_for(tokenizer), tokenizer, {"data": {"path": "C:\\Users\\me\\d.txt"}}, title="mine")
+    save_bundle(
+        tmp_path / "b", model_for(tokenizer), tokenizer, {"data": {"path": "C:\\Users\\me\\d.txt"}}, title="mine"
+    )
     text = (tmp_path / "b" / "README.md").read_text()
     assert text.startswith("# mine\n") and "| dataset | d.txt |" in text and "Users" not in text

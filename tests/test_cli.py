@@ -35,6 +35,7 @@ HELP_COMMANDS = [
     ["data", "validate"],
     ["data", "demo"],
     ["data", "demo", "shapes"],
+    ["data", "demo", "text"],
     ["bench"],
 ]
 
@@ -193,6 +194,15 @@ def test_data_demo_shapes_writes_a_dataset(tmp_path, capsys):
     assert main(["data", "demo", "shapes", "--out", str(tmp_path / "shapes"), "--n", "3", "--seed", "1"]) == 0
     assert (tmp_path / "shapes" / "train.jsonl").is_file()
     assert "scenes" in capsys.readouterr().out
+
+
+def test_data_demo_text_writes_the_studio_demo_text(tmp_path, capsys):
+    from apertis_core.data.demo_text import write_demo_text
+
+    assert main(["data", "demo", "text", "--out", str(tmp_path / "demo.txt"), "--lines", "40", "--seed", "3"]) == 0
+    assert "40 sentences" in capsys.readouterr().out
+    text = (tmp_path / "demo.txt").read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 40 and text == write_demo_text(tmp_path / "same.txt", 40, 3).read_text("utf-8")
 
 
 def test_bench_without_the_benchmarks_folder_is_a_clear_error():

@@ -131,7 +131,9 @@ def first_tensor(header: dict) -> str:
 def weights_of_another_config(folder: Path) -> None:
     tokenizer = Tokenizer.byte_level()
     other = folder.parent / "wider"
-    save_bundle(other, ApertisModel(tiny_config("apertis-nano", vocab_size=tokenizer.vocab_size, d_model=48)), tokenizer)
+    save_bundle(
+        other, ApertisModel(tiny_config("apertis-nano", vocab_size=tokenizer.vocab_size, d_model=48)), tokenizer
+    )
     shutil.copy(other / "model.safetensors", folder / "model.safetensors")
     shutil.rmtree(other)
 
@@ -173,6 +175,7 @@ def folder_named(name: str) -> Callable[[Path], None]:
 
 def sparse(name: str, size: int) -> Callable[[Path], None]:
     """`name` grown to `size` bytes without using the disk (a sparse file): a size that must not be read."""
+
     def mutate(folder: Path) -> None:
         with (folder / name).open("r+b") as handle:
             handle.truncate(size)
@@ -199,11 +202,18 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
 CASES = [
     # config.json: sizes and values
     Case("huge dims", set_config(d_model=65536, n_layers=64), r"d_model is 65,536, beyond 32,768"),
-    Case("beyond free memory", set_config(d_model=1024, n_layers=24, n_heads=16),
-         r"needs about [\d.]+ GB of memory, but this computer has 1.0 GB free\. Close other programs, or use a "
-         r"smaller model", free_memory=10**9),
-    Case("over 100 billion parameters", set_config(d_model=32768, n_layers=1024, n_heads=256),
-         r"trillion parameters .* more than any model this app can build"),
+    Case(
+        "beyond free memory",
+        set_config(d_model=1024, n_layers=24, n_heads=16),
+        r"needs about [\d.]+ GB of memory, but this computer has 1.0 GB free\. Close other programs, or use a "
+        r"smaller model",
+        free_memory=10**9,
+    ),
+    Case(
+        "over 100 billion parameters",
+        set_config(d_model=32768, n_layers=1024, n_heads=256),
+        r"trillion parameters .* more than any model this app can build",
+    ),
     Case("negative width", set_config(d_model=-256), r"d_model is -256; it must be positive"),
     Case("zero heads", set_config(n_heads=0), r"n_heads is 0; it must be positive"),
     Case("negative ffn", set_config(ffn_hidden=-5), r"ffn_hidden is -5; it must be at least 0"),
@@ -212,10 +222,16 @@ CASES = [
     Case("text width", set_config(d_model="256px"), r"d_model: expected an integer, got '256px'"),
     Case("boolean depth", set_config(n_layers=True), r"n_layers: expected an integer, got True"),
     Case("list width", set_config(d_model=[256]), r"d_model: expected an integer"),
-    Case("nan epsilon", write_text("config.json", '{"preset": "apertis-nano", "norm_eps": NaN}'),
-         r"norm_eps is nan; it must be a finite number"),
-    Case("5000-digit number", write_text("config.json", '{"d_model": ' + "9" * 5000 + "}"),
-         r"config.json cannot be read as JSON .*re-export"),
+    Case(
+        "nan epsilon",
+        write_text("config.json", '{"preset": "apertis-nano", "norm_eps": NaN}'),
+        r"norm_eps is nan; it must be a finite number",
+    ),
+    Case(
+        "5000-digit number",
+        write_text("config.json", '{"d_model": ' + "9" * 5000 + "}"),
+        r"config.json cannot be read as JSON .*re-export",
+    ),
     Case("unknown setting", set_config(d_modle=256), r"unknown .*d_modle.*Did you mean 'd_model'"),
     Case("unhashable preset", set_config(preset=["apertis-nano"]), r"config.json"),
     Case("newer format", set_config(format_version=99), r"format_version 99; this Apertis reads up to 1"),
@@ -223,10 +239,16 @@ CASES = [
     Case("config not an object", write_text("config.json", "[1, 2, 3]"), r"must hold a JSON object"),
     Case("config not json", write_text("config.json", "d_model: 256"), r"cannot be read as JSON"),
     Case("config deeply nested", write_text("config.json", DEEP_JSON), r"cannot be read as JSON"),
-    Case("config of megabytes", write_text("config.json", " " * (2 << 20) + "{}"),
-         r"config.json is 2.1 MB, more than a config.json can be \(1.0 MB\)"),
-    Case("image token of another tokenizer", set_config(image_encoder="vit", image_token_id=7),
-         r"marks images with token 7 but tokenizer.json's <image> is 2"),
+    Case(
+        "config of megabytes",
+        write_text("config.json", " " * (2 << 20) + "{}"),
+        r"config.json is 2.1 MB, more than a config.json can be \(1.0 MB\)",
+    ),
+    Case(
+        "image token of another tokenizer",
+        set_config(image_encoder="vit", image_token_id=7),
+        r"marks images with token 7 but tokenizer.json's <image> is 2",
+    ),
     # files
     Case("no weights", remove("model.safetensors"), r"has no model.safetensors"),
     Case("pickle instead of weights", pickle_instead_of_safetensors, r"has no model.safetensors"),
@@ -238,28 +260,49 @@ CASES = [
     Case("dangling link", link("tokenizer.json", "/nonexistent/tokenizer.json"), r"has no tokenizer.json"),
     Case("tokenizer of gigabytes", sparse("tokenizer.json", 3 << 30), r"tokenizer.json is 3.2 GB, more than"),
     # tokenizer
-    Case("tokenizer of another model", tokenizer_of_another_model, r"tokenizer.json has \d+ tokens but config.json says"),
+    Case(
+        "tokenizer of another model", tokenizer_of_another_model, r"tokenizer.json has \d+ tokens but config.json says"
+    ),
     Case("tokenizer garbage", write_text("tokenizer.json", '{"model": 42}'), r"not a valid tokenizer.json"),
     Case("tokenizer empty", write_text("tokenizer.json", ""), r"not a valid tokenizer.json"),
     # weights: the header against the file, then against the config
-    Case("header length lies", lambda f: write_safetensors(f / "model.safetensors", {}, b"", length=1 << 62),
-         r"damaged or not a safetensors file \(its header claims"),
-    Case("header not json", lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{["),
-         r"damaged .*header is not JSON"),
+    Case(
+        "header length lies",
+        lambda f: write_safetensors(f / "model.safetensors", {}, b"", length=1 << 62),
+        r"damaged or not a safetensors file \(its header claims",
+    ),
+    Case(
+        "header not json",
+        lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{["),
+        r"damaged .*header is not JSON",
+    ),
     Case("file of two bytes", write_text("model.safetensors", "PK"), r"damaged or not a safetensors file"),
-    Case("offsets past the end", edit_header(lambda h: h[first_tensor(h)].update(data_offsets=[0, 1 << 40])),
-         r"damaged .*does not match"),
-    Case("shape lies about bytes", edit_header(lambda h: h[first_tensor(h)].update(shape=[1 << 20, 1 << 20])),
-         r"damaged .*does not match"),
+    Case(
+        "offsets past the end",
+        edit_header(lambda h: h[first_tensor(h)].update(data_offsets=[0, 1 << 40])),
+        r"damaged .*does not match",
+    ),
+    Case(
+        "shape lies about bytes",
+        edit_header(lambda h: h[first_tensor(h)].update(shape=[1 << 20, 1 << 20])),
+        r"damaged .*does not match",
+    ),
     Case("data cut short", edit_header(lambda h: None, lambda d: d[:-100]), r"damaged .*header describes"),
     Case("data beyond header", sparse("model.safetensors", 100 << 30), r"damaged .*header describes"),
-    Case("unknown dtype", edit_header(lambda h: h[first_tensor(h)].update(dtype="F128")), r"damaged .*unreadable dtype"),
+    Case(
+        "unknown dtype", edit_header(lambda h: h[first_tensor(h)].update(dtype="F128")), r"damaged .*unreadable dtype"
+    ),
     Case("negative shape", edit_header(lambda h: h[first_tensor(h)].update(shape=[-1])), r"damaged .*unreadable"),
     Case("metadata not text", edit_header(lambda h: h.update(__metadata__={"format": 1})), r"damaged .*__metadata__"),
-    Case("weights of another config", weights_of_another_config,
-         r"different config .*saved \(262, 48\), config needs \(262, 32\).*re-export"),
+    Case(
+        "weights of another config",
+        weights_of_another_config,
+        r"different config .*saved \(262, 48\), config needs \(262, 32\).*re-export",
+    ),
     Case("renamed tensor", edit_header(rename_tensor), r"different config .*missing .*unexpected not.a.weight"),
-    Case("integer weights", edit_header(as_integers), r"different config .*stored as I32, the model holds it as float32"),
+    Case(
+        "integer weights", edit_header(as_integers), r"different config .*stored as I32, the model holds it as float32"
+    ),
 ]
 
 
@@ -273,7 +316,9 @@ def test_hostile_bundle_folder_is_refused_before_it_is_built(case, good, tmp_pat
     shutil.copytree(good, folder)
     case.mutate(folder)
     if case.free_memory is not None:
-        monkeypatch.setattr("apertis_core.sizing.available_memory", lambda device="cpu": (case.free_memory, "this computer"))
+        monkeypatch.setattr(
+            "apertis_core.sizing.available_memory", lambda device="cpu": (case.free_memory, "this computer")
+        )
     before = files_under(tmp_path)
     with pytest.raises(BundleError, match=case.message) as refused:
         load_bundle(folder)
@@ -291,8 +336,13 @@ def test_hostile_bundle_folder_is_refused_before_it_is_built(case, good, tmp_pat
 def test_image_bundles_load_with_their_integer_buffers(tmp_path, guard, encoder):
     """BatchNorm's batch counter is stored as an integer: the header check must take it as the model does."""
     tokenizer = Tokenizer.byte_level()
-    cfg = tiny_config("apertis-nano", vocab_size=tokenizer.vocab_size, image_encoder=encoder, image_patch_size=16,
-                      image_token_id=tokenizer.image_id)
+    cfg = tiny_config(
+        "apertis-nano",
+        vocab_size=tokenizer.vocab_size,
+        image_encoder=encoder,
+        image_patch_size=16,
+        image_token_id=tokenizer.image_id,
+    )
     save_bundle(tmp_path / "b", ApertisModel(cfg), tokenizer)
     model, _ = load_bundle(tmp_path / "b")
     assert model.config == cfg and len(guard.built) == 1
@@ -351,7 +401,7 @@ def symlink_member(archive: Path, good: Path) -> None:
     zip_folder(good, archive)
     with zipfile.ZipFile(archive, "a") as zf:
         info = zipfile.ZipInfo("README.md.link")
-        info.external_attr = (0o120777 << 16)  # a symbolic link, as `zip -y` stores one
+        info.external_attr = 0o120777 << 16  # a symbolic link, as `zip -y` stores one
         zf.writestr(info, "/etc/passwd")
 
 
@@ -429,40 +479,77 @@ class ZipCase:
 ZIP_CASES = [
     ZipCase("zip bomb of 1 GiB", lambda a, g, t: bomb(a, g), r"expands \d+x .*decompression bomb", extracts=False),
     ZipCase("zip-slip", lambda a, g, t: zip_folder(g, a, extra={"../../evil.txt": "x"}), r"zip-slip", extracts=False),
-    ZipCase("absolute path", lambda a, g, t: zip_folder(g, a, extra={"/tmp/evil.txt": "x"}), r"absolute path",
-            extracts=False),
-    ZipCase("windows drive path", lambda a, g, t: zip_folder(g, a, extra={"C:/evil.txt": "x"}), r"absolute path",
-            extracts=False),
+    ZipCase(
+        "absolute path",
+        lambda a, g, t: zip_folder(g, a, extra={"/tmp/evil.txt": "x"}),
+        r"absolute path",
+        extracts=False,
+    ),
+    ZipCase(
+        "windows drive path",
+        lambda a, g, t: zip_folder(g, a, extra={"C:/evil.txt": "x"}),
+        r"absolute path",
+        extracts=False,
+    ),
     ZipCase("symlink member", lambda a, g, t: symlink_member(a, g), r"symbolic link", extracts=False),
     ZipCase("encrypted member", lambda a, g, t: encrypted_member(a, g), r"encrypted", extracts=False),
     ZipCase("duplicate names", lambda a, g, t: duplicate_member(a, g), r"appears twice", extracts=False),
-    ZipCase("ten thousand members", lambda a, g, t: many_members(a, g), r"10,005 entries .*limit 10,000",
-            extracts=False),
-    ZipCase("not a zip", lambda a, g, t: a.write_bytes(b"PK\x03\x04 but nothing else"), r"not a valid zip",
-            extracts=False),
+    ZipCase(
+        "ten thousand members", lambda a, g, t: many_members(a, g), r"10,005 entries .*limit 10,000", extracts=False
+    ),
+    ZipCase(
+        "not a zip", lambda a, g, t: a.write_bytes(b"PK\x03\x04 but nothing else"), r"not a valid zip", extracts=False
+    ),
     ZipCase("empty zip", lambda a, g, t: zipfile.ZipFile(a, "w").close(), r"no model in the zip", extracts=False),
-    ZipCase("only pickles", lambda a, g, t: zip_folder(t, a, extra={"pytorch_model.bin": pickle.dumps([1])}),
-            r"no model in the zip", extracts=False),
-    ZipCase("two folders down", lambda a, g, t: zip_folder(g, a, prefix="a/b/"), r"no model in the zip: it needs .* "
-            r"at its top or in one folder", extracts=False),
-    ZipCase("two models", lambda a, g, t: (zip_folder(g, a, prefix="one/"), append_folder(a, g, "two/")),
-            r"holds 2 models \(one, two\)", extracts=False),
-    ZipCase("hostile config", lambda a, g, t: zip_folder(with_config(g, t, d_model=65536, n_layers=64), a),
-            r"d_model is 65,536, beyond", extracts=False),
-    ZipCase("config too big for memory", lambda a, g, t: zip_folder(with_config(g, t, d_model=8192, n_layers=32), a),
-            r"needs about .* of memory, but", extracts=False),
-    ZipCase("weights larger than the config", oversized_weights,
-            r"model.safetensors is 3.1 MB, more than the [\d,]+ parameters", extracts=False),
-    ZipCase("tokenizer of another model", replace_tokenizer,
-            r"tokenizer.json has \d+ tokens but config.json says"),
+    ZipCase(
+        "only pickles",
+        lambda a, g, t: zip_folder(t, a, extra={"pytorch_model.bin": pickle.dumps([1])}),
+        r"no model in the zip",
+        extracts=False,
+    ),
+    ZipCase(
+        "two folders down",
+        lambda a, g, t: zip_folder(g, a, prefix="a/b/"),
+        r"no model in the zip: it needs .* "
+        r"at its top or in one folder",
+        extracts=False,
+    ),
+    ZipCase(
+        "two models",
+        lambda a, g, t: (zip_folder(g, a, prefix="one/"), append_folder(a, g, "two/")),
+        r"holds 2 models \(one, two\)",
+        extracts=False,
+    ),
+    ZipCase(
+        "hostile config",
+        lambda a, g, t: zip_folder(with_config(g, t, d_model=65536, n_layers=64), a),
+        r"d_model is 65,536, beyond",
+        extracts=False,
+    ),
+    ZipCase(
+        "config too big for memory",
+        lambda a, g, t: zip_folder(with_config(g, t, d_model=8192, n_layers=32), a),
+        r"needs about .* of memory, but",
+        extracts=False,
+    ),
+    ZipCase(
+        "weights larger than the config",
+        oversized_weights,
+        r"model.safetensors is 3.1 MB, more than the [\d,]+ parameters",
+        extracts=False,
+    ),
+    ZipCase("tokenizer of another model", replace_tokenizer, r"tokenizer.json has \d+ tokens but config.json says"),
     ZipCase("weights of another config", other_weights_zip, r"different config"),
 ]
 
 
 def workspace_state(services) -> tuple:
     store = services.store
-    return files_under(store.models_dir), files_under(store.tmp_dir / "imports") if (store.tmp_dir / "imports").exists() \
-        else {}, [row["id"] for row in store.list_models()]
+    return (
+        files_under(store.models_dir),
+        files_under(store.tmp_dir / "imports") if (store.tmp_dir / "imports").exists() else {},
+        [row["id"] for row in store.list_models()],
+    )
 
 
 @pytest.mark.parametrize("case", ZIP_CASES, ids=[c.id for c in ZIP_CASES])
@@ -494,8 +581,13 @@ def test_import_keeps_only_the_bundle_files(good, tmp_path, services, guard):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    extra = {"mymodel/pytorch_model.bin": pickle.dumps(Payload()), "mymodel/trainer_state.pt": pickle.dumps(Payload()),
-             "mymodel/weights.pkl": pickle.dumps(Payload()), "mymodel/run.sh": "rm -rf ~", "__MACOSX/._config.json": "x"}
+    extra = {
+        "mymodel/pytorch_model.bin": pickle.dumps(Payload()),
+        "mymodel/trainer_state.pt": pickle.dumps(Payload()),
+        "mymodel/weights.pkl": pickle.dumps(Payload()),
+        "mymodel/run.sh": "rm -rf ~",
+        "__MACOSX/._config.json": "x",
+    }
     archive = zip_folder(good, tmp_path / "mymodel.zip", prefix="mymodel/", extra=extra)
     message, _, _ = models.import_bundle(services, str(archive))
     assert message.startswith("Imported mymodel.zip.") and "Left out 4 files" in message, message
@@ -503,7 +595,12 @@ def test_import_keeps_only_the_bundle_files(good, tmp_path, services, guard):
     (row,) = [row for row in services.store.list_models() if row["kind"] == "bundle"]
     folder = Path(row["path"])
     assert folder.parent == services.store.models_dir
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert not marker.exists() and guard.unpickled == [] and guard.built == []  # checked, not built, at import
     assert list((services.store.tmp_dir / "imports").iterdir()) == []
     model, _ = bundle_module.load_bundle(folder)  # and it loads
@@ -511,12 +608,36 @@ def test_import_keeps_only_the_bundle_files(good, tmp_path, services, guard):
 
 
 # ---- properties ------------------------------------------------------------------------------------------
-FIELDS = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "n_experts",
-          "moe_top_k", "strc_every", "sla_chunk_size", "max_seq_len", "image_encoder", "norm_eps", "layer_pattern",
-          "nope_layers", "format_version", "preset", "tie_embeddings"]
+FIELDS = [
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_hidden",
+    "n_experts",
+    "moe_top_k",
+    "strc_every",
+    "sla_chunk_size",
+    "max_seq_len",
+    "image_encoder",
+    "norm_eps",
+    "layer_pattern",
+    "nope_layers",
+    "format_version",
+    "preset",
+    "tie_embeddings",
+]
 VALUES = st.one_of(
-    st.integers(min_value=-(10**6), max_value=10**6), st.integers(), st.floats(), st.text(max_size=8), st.booleans(),
-    st.none(), st.lists(st.integers(min_value=-3, max_value=100), max_size=3), st.sampled_from(["S", "A", "SSSA", "vit", "apertis-large"]),
+    st.integers(min_value=-(10**6), max_value=10**6),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=8),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(min_value=-3, max_value=100), max_size=3),
+    st.sampled_from(["S", "A", "SSSA", "vit", "apertis-large"]),
 )
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -538,8 +659,11 @@ def test_any_config_values_load_or_are_refused_cleanly(good, tmp_path_factory, g
 
 
 @PROPERTY
-@given(header=st.binary(max_size=200), length=st.one_of(st.none(), st.integers(min_value=0, max_value=2**64 - 1)),
-       tail=st.binary(max_size=64))
+@given(
+    header=st.binary(max_size=200),
+    length=st.one_of(st.none(), st.integers(min_value=0, max_value=2**64 - 1)),
+    tail=st.binary(max_size=64),
+)
 def test_any_weights_header_is_refused_cleanly(good, tmp_path_factory, guard, header, length, tail):
     folder = tmp_path_factory.mktemp("prop") / "bundle"
     shutil.copytree(good, folder)
@@ -571,7 +695,12 @@ def test_any_member_names_stay_inside_the_destination(good, tmp_path_factory, na
     except (ValueError, OSError):
         assert not dest.exists()
     else:
-        assert sorted(p.name for p in dest.iterdir()) <= ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+        assert sorted(p.name for p in dest.iterdir()) <= [
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+        ]
     written = set(files_under(tmp)) - set(outside_before)
     assert all(name.startswith(("models", "work")) for name in written), written
     assert not (tmp / "work").exists() or list((tmp / "work").iterdir()) == []

@@ -37,8 +37,13 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
     seen = torch.zeros(1, 4, dtype=torch.bool)
     for _ in range(20):
-        assert sample_next(logits, seen, GenerationConfig(top_k=1, temperature=1.0, repetition_penalty=1.0), None).item() == 1
-        token = sample_next(logits, seen, GenerationConfig(top_k=0, top_p=0.5, temperature=1.0, repetition_penalty=1.0), None).item()
+        assert (
+            sample_next(logits, seen, GenerationConfig(top_k=1, temperature=1.0, repetition_penalty=1.0), None).item()
+            == 1
+        )
+        token = sample_next(
+            logits, seen, GenerationConfig(top_k=0, top_p=0.5, temperature=1.0, repetition_penalty=1.0), None
+        ).item()
         assert token in (1, 3)
 
 

@@ -53,7 +53,7 @@ backend-path = ["."]
 name = "fake-app"
 version = "0"
 """
-FAKE_BACKEND = r'''"A PEP 517/660 backend: a wheel that puts the app folder on sys.path and has an `apertis` script."
+FAKE_BACKEND = r""""A PEP 517/660 backend: a wheel that puts the app folder on sys.path and has an `apertis` script."
 import base64, hashlib, os, zipfile
 INFO = "fake_app-0.dist-info/"
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
@@ -73,12 +73,12 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 build_editable = build_wheel
 def build_sdist(sdist_directory, config_settings=None):
     raise NotImplementedError
-'''
-FAKE_CLI = '''import sys
+"""
+FAKE_CLI = """import sys
 def main():
     print("fake apertis", *sys.argv[1:])
     return 0
-'''
+"""
 
 
 def free_port() -> int:
@@ -98,8 +98,15 @@ def page_status(port: int) -> int | None:
 def start(app: Path, args: list[str], env: dict | None = None) -> subprocess.Popen:
     """start.sh in its own process group, so a Ctrl-C can be sent to it and its studio as a terminal would."""
     env = {**os.environ, "PYTHONPATH": "/nowhere/leaking", **(env or {})}
-    return subprocess.Popen(["bash", str(app / "launchers" / "start.sh"), *args], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", str(app / "launchers" / "start.sh"), *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def serve_then_ctrl_c(proc: subprocess.Popen, port: int, timeout: float) -> tuple[int | None, int, str]:
@@ -153,8 +160,11 @@ def test_start_bat_is_crlf_and_every_jump_has_its_label():
     jumps = set(re.findall(r"\b(?:goto|call) :(\w+)", text, re.IGNORECASE))
     assert jumps and jumps <= labels, f"missing labels: {jumps - labels}"
     # Every failure message keeps the double-clicked window open with `pause` before it exits.
-    failures = [block for block in re.split(r"^:", text, flags=re.MULTILINE)
-                if re.search(r"^echo (ERROR|.* with an error)", block, re.MULTILINE)]
+    failures = [
+        block
+        for block in re.split(r"^:", text, flags=re.MULTILINE)
+        if re.search(r"^echo (ERROR|.* with an error)", block, re.MULTILINE)
+    ]
     assert len(failures) >= 4
     for block in failures:
         assert re.search(r"^pause\r\nexit /b", block, re.MULTILINE), block
@@ -165,8 +175,14 @@ def test_missing_python_is_explained_and_a_broken_venv_is_cleared(tmp_path):
     copy_launchers(app)
     (app / ".venv").mkdir()
     env = {**os.environ, "APERTIS_PYTHON": str(tmp_path / "no python here")}
-    done = subprocess.run(["bash", str(app / "launchers" / "start.command")], env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(app / "launchers" / "start.command")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "does not work any more" in done.stdout and not (app / ".venv").exists()
     assert "needs Python 3.10 or newer" in done.stderr and "Install Python 3.12" in done.stderr
@@ -212,8 +228,9 @@ def test_fresh_copy_installs_serves_the_studio_and_restarts_without_reinstalling
     if shutil.disk_usage(tmp_path).free < bootstrap.INSTALL_BYTES:
         pytest.skip("too little free disk for the install")
     app = tmp_path / "apertis app"
-    junk = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "out",
-                                  "build", "dist", "*.egg-info")
+    junk = shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "out", "build", "dist", "*.egg-info"
+    )
     shutil.copytree(REPO, app, ignore=junk)
     port, workspace = free_port(), str(tmp_path / "work space")
     args = ["--no-browser", "--port", str(port), "--workspace", workspace]
@@ -223,8 +240,13 @@ def test_fresh_copy_installs_serves_the_studio_and_restarts_without_reinstalling
     if "PyTorch's CPU index could not be reached" in out:  # offline from PyTorch's index, as on the dev machine
         assert "installing the standard build instead" in out and "torch build: default" in out, out[-5000:]
     assert "The `apertis` command line is in .venv/bin" in out, out[-5000:]
-    done = subprocess.run([str(app / ".venv" / "bin" / "apertis"), "--help"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": "/nowhere/leaking"}, timeout=300)
+    done = subprocess.run(
+        [str(app / ".venv" / "bin" / "apertis"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": "/nowhere/leaking"},
+        timeout=300,
+    )
     assert done.returncode == 0 and "train" in done.stdout and "generate" in done.stdout, done.stdout + done.stderr
 
     status, code, out = serve_then_ctrl_c(start(app, args), port, 300)

@@ -7,7 +7,14 @@ from apertis_core import ApertisModel, ConfigError, ModelConfig
 
 def test_contract_presets_exist_with_documented_shapes():
     names = ModelConfig.presets()
-    for name in ["apertis-nano", "apertis-small", "apertis-base", "apertis-large", "transformer-nano", "transformer-small"]:
+    for name in [
+        "apertis-nano",
+        "apertis-small",
+        "apertis-base",
+        "apertis-large",
+        "transformer-nano",
+        "transformer-small",
+    ]:
         assert name in names
     assert any("hybrid" in n for n in names)
     shapes = {n: (c.d_model, c.n_layers, c.n_heads) for n in names for c in [ModelConfig.from_preset(n)]}

@@ -12,7 +12,9 @@ IMAGE_ID = 5
 
 
 def image_model(encoder="vit"):
-    cfg = tiny_config("apertis-hybrid-nano", image_encoder=encoder, image_patch_size=8, image_max_patches=16, image_token_id=IMAGE_ID)
+    cfg = tiny_config(
+        "apertis-hybrid-nano", image_encoder=encoder, image_patch_size=8, image_max_patches=16, image_token_id=IMAGE_ID
+    )
     return ApertisModel(cfg).eval()
 
 

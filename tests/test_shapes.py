@@ -35,7 +35,9 @@ def test_hand_checked_answers():
 
 
 def test_ties_ask_no_question():
-    scene = Scene(64, 5, (Shape("red", "circle", 32, 32), Shape("blue", "square", 12, 32), Shape("green", "square", 52, 32)))
+    scene = Scene(
+        64, 5, (Shape("red", "circle", 32, 32), Shape("blue", "square", 12, 32), Shape("green", "square", 52, 32))
+    )
     got = answers(scene)
     assert not any("closest to the red" in q or "farthest from the red" in q for q in got)
     assert got["What colour is the object closest to the blue object?"] == "red"

@@ -120,9 +120,11 @@ def test_training_needs_more_than_loading():
         (["model.n_heads=0"], r"n_heads is 0; it must be positive"),
         (["model.d_model=65536", "model.n_layers=64"], r"d_model is 65,536, beyond 32,768"),
         (["model.d_model=256.5"], r"model.d_model: expected an integer, got '256.5'"),
-        (["model.d_model=1024", "model.n_layers=24", "model.n_heads=16"],
-         r"Training this model \(.* parameters; .*\) needs about .* GB of memory, but this computer has 1.0 GB free\. "
-         r"Lower train.batch_size or data.seq_len, or pick a smaller preset"),
+        (
+            ["model.d_model=1024", "model.n_layers=24", "model.n_heads=16"],
+            r"Training this model \(.* parameters; .*\) needs about .* GB of memory, but this computer has 1.0 GB free\. "
+            r"Lower train.batch_size or data.seq_len, or pick a smaller preset",
+        ),
     ],
 )
 def test_apertis_train_refuses_before_building_anything(tmp_path, monkeypatch, capsys, overrides, message):
@@ -133,8 +135,15 @@ def test_apertis_train_refuses_before_building_anything(tmp_path, monkeypatch, c
     monkeypatch.delenv(SKIP_MEMORY_CHECK_ENV, raising=False)
     monkeypatch.setattr("apertis_core.sizing.available_memory", lambda device="cpu": (10**9, "this computer"))
     monkeypatch.setattr("apertis_core.training.plan_run", lambda *a, **k: pytest.fail("planned a refused run"))
-    args = ["train", str(REPO / "assets/configs/apertis-nano.yaml"), "--no-plan", "--out", str(tmp_path / "run"),
-            "--set", f"data.path={SHAKESPEARE}"]
+    args = [
+        "train",
+        str(REPO / "assets/configs/apertis-nano.yaml"),
+        "--no-plan",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.path={SHAKESPEARE}",
+    ]
     for item in overrides:
         args += ["--set", item]
     assert apertis(args) == 2

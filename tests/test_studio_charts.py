@@ -7,9 +7,18 @@ def _rows(*items):
     return [{"step": s, "key": k, "value": v} for s, k, v in items]
 
 
-RUN_A = _rows((10, "train/loss", 3.0), (20, "train/loss", 2.5), (20, "val/loss", 2.7), (10, "lr", 1e-3),
-              (10, "experts/layer1", [0.25, 0.75]), (20, "experts/layer1", [0.5, 0.5]), (20, "sample/prompt", "Once"), (20, "sample/text", "upon"),
-              (30, "sample/prompt", "The"), (30, "sample/text", "end"))
+RUN_A = _rows(
+    (10, "train/loss", 3.0),
+    (20, "train/loss", 2.5),
+    (20, "val/loss", 2.7),
+    (10, "lr", 1e-3),
+    (10, "experts/layer1", [0.25, 0.75]),
+    (20, "experts/layer1", [0.5, 0.5]),
+    (20, "sample/prompt", "Once"),
+    (20, "sample/text", "upon"),
+    (30, "sample/prompt", "The"),
+    (30, "sample/text", "end"),
+)
 RUN_B = _rows((10, "train/loss", 3.2), (20, "train/loss", 2.9))
 
 

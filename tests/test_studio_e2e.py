@@ -33,8 +33,13 @@ def _port() -> int:
 
 def launch(workspace: Path):
     port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "studio", "--no-browser", "--port", str(port), "--workspace", str(workspace)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio", "--no-browser", "--port", str(port), "--workspace", str(workspace)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     started = time.monotonic()
     for line in proc.stdout:
         if "is running at" in line:
@@ -65,9 +70,21 @@ def wait_status(client, run_id, statuses, timeout=HANG_GUARD_S):
 
 def start(client, dataset_id, steps):
     values = dict(train.BASIC_DEFAULTS, **train.ADVANCED_DEFAULTS)
-    values.update(max_steps=steps, batch_size=2, seq_len=32, vocab_size=262, log_every=1, save_every=2,
-                  eval_every=10, sample_every=0, warmup_steps=1, extra=TINY)
-    message, run_id = client.predict("e2e", dataset_id, "apertis-nano", *[values[f] for f in train.FIELDS], api_name="/start_run")
+    values.update(
+        max_steps=steps,
+        batch_size=2,
+        seq_len=32,
+        vocab_size=262,
+        log_every=1,
+        save_every=2,
+        eval_every=10,
+        sample_every=0,
+        warmup_steps=1,
+        extra=TINY,
+    )
+    message, run_id = client.predict(
+        "e2e", dataset_id, "apertis-nano", *[values[f] for f in train.FIELDS], api_name="/start_run"
+    )
     assert run_id, message
     return run_id
 
@@ -88,7 +105,9 @@ def test_studio_end_to_end(tmp_path):
         assert wait_status(client, run_id, ["finished", "failed"])["status"] == "finished"
 
         model_id = next(m["id"] for m in store.list_models() if m["kind"] == "bundle")
-        job = client.submit({"text": "The cat", "files": []}, [], model_id, "", 0.8, 20, 0.95, 16, 1.1, api_name="/chat")
+        job = client.submit(
+            {"text": "The cat", "files": []}, [], model_id, "", 0.8, 20, 0.95, 16, 1.1, api_name="/chat"
+        )
         outputs = list(job)
         assert len(outputs) > 1 and outputs[-1][0][-1]["role"] == "assistant" and "tokens/s" in outputs[-1][1]
 

@@ -40,7 +40,9 @@ def wait_for(predicate, timeout=30.0, interval=0.1):
 def fake_worker(monkeypatch):
     """Make workers sleep `seconds[0]` then record 'finished'."""
     seconds = [30.0]
-    monkeypatch.setattr(jobs, "worker_command", lambda ws, run_id: [sys.executable, "-c", FAKE_WORKER, str(ws), run_id, str(seconds[0])])
+    monkeypatch.setattr(
+        jobs, "worker_command", lambda ws, run_id: [sys.executable, "-c", FAKE_WORKER, str(ws), run_id, str(seconds[0])]
+    )
     return seconds
 
 
@@ -198,7 +200,6 @@ def test_invalid_actions_explain_what_to_do(tmp_path):
 # -- the real worker --------------------------------------------------------------------------------
 
 
-
 def test_registry_callback_batches_records_and_relays_stop(tmp_path):
     from studio.worker import RegistryCallback
 
@@ -226,12 +227,23 @@ def test_registry_callback_batches_records_and_relays_stop(tmp_path):
 def tiny_run_yaml(data_path, steps=6):
     import yaml
 
-    return yaml.safe_dump({
-        "model": {"preset": "apertis-nano", "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
-        "data": {"path": str(data_path), "seq_len": 32, "vocab_size": 262},
-        "train": {"max_steps": steps, "batch_size": 2, "log_every": 1, "save_every": 2, "eval_every": 3,
-                  "eval_batches": 1, "warmup_steps": 1, "threads": 1, "device": "cpu"},
-    })
+    return yaml.safe_dump(
+        {
+            "model": {"preset": "apertis-nano", "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
+            "data": {"path": str(data_path), "seq_len": 32, "vocab_size": 262},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 2,
+                "log_every": 1,
+                "save_every": 2,
+                "eval_every": 3,
+                "eval_batches": 1,
+                "warmup_steps": 1,
+                "threads": 1,
+                "device": "cpu",
+            },
+        }
+    )
 
 
 def _wait_status(manager, run_id, statuses, timeout=120):

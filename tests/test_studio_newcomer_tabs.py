@@ -1,4 +1,4 @@
-"""What a newcomer meets in the Dataset, Chat and Models tabs (issue 10): the upload box explains every
+"""What a newcomer meets in the Dataset, Chat and Models tabs: the upload box explains every
 layout and each one reads back as its kind; demo sets validate clean; chat shows model output as plain text,
 streams whole characters and names its models; the Models tab lists models, not every checkpoint, with
 cards titled by run name and free of paths on this computer.
@@ -40,8 +40,10 @@ def services(tmp_path):
 def test_dataset_choices_count_records_in_words(services, tmp_path):
     one = services.store.add_dataset("poem", tmp_path / "poem.txt", {"records": 1})
     many = services.store.add_dataset("stories", tmp_path / "stories.txt", {"records": 3})
-    assert dict((v, k) for k, v in dataset.dataset_choices(services)) == {one: "poem · 1 record",
-                                                                         many: "stories · 3 records"}
+    assert dict((v, k) for k, v in dataset.dataset_choices(services)) == {
+        one: "poem · 1 record",
+        many: "stories · 3 records",
+    }
 
 
 def _bundle(services, name: str) -> str:
@@ -63,6 +65,7 @@ def _components(build, services) -> list:
 
 # -- Dataset: the upload box lists every layout, and each reads back as its kind -----------------------
 
+
 def _write_layout(name: str, example: str, folder: Path) -> None:
     """Files in the layout `name`, using the example the upload box shows for it."""
     folder.mkdir(parents=True)
@@ -83,7 +86,9 @@ def _write_layout(name: str, example: str, folder: Path) -> None:
 
 def test_every_layout_the_upload_box_lists_validates_as_its_kind(tmp_path):
     layouts = {layout.name: layout for layout in dataset.LAYOUTS}
-    assert len(layouts) == 8 and {"Chat", "Image + caption", "Image + messages", "Image folder", "Table", "Zip"} <= set(layouts)
+    assert len(layouts) == 8 and {"Chat", "Image + caption", "Image + messages", "Image folder", "Table", "Zip"} <= set(
+        layouts
+    )
     for layout in dataset.LAYOUTS:
         assert f"**{layout.name}** ({layout.files}): `{layout.example}`" in dataset.layouts_markdown()
     kinds: set[str] = set()
@@ -116,10 +121,17 @@ def test_dataset_tab_opens_with_a_help_line_and_the_layout_list(services):
 
 # -- Record kinds: the studio and `apertis data validate` name image records alike --------------------
 
+
 def test_image_records_show_as_their_kind_in_preview_stats_and_cli(services, tmp_path, capsys):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "cat.png")
-    rows = [{"image": "cat.png", "text": "A red square."}, {"image": "cat.png", "messages": [
-        {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}]}, {"text": "plain"}]
+    rows = [
+        {"image": "cat.png", "text": "A red square."},
+        {
+            "image": "cat.png",
+            "messages": [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}],
+        },
+        {"text": "plain"},
+    ]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -135,10 +147,13 @@ def test_image_records_show_as_their_kind_in_preview_stats_and_cli(services, tmp
 
 # -- Demo sets validate clean ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("conversations", [False, True], ids=["questions", "conversations"])
 def test_cli_shapes_demo_validates_clean(tmp_path, capsys, conversations):
     out = tmp_path / "shapes"
-    assert apertis(["data", "demo", "shapes", "--out", str(out), "--n", "12", *(["--conversations"] * conversations)]) == 0
+    assert (
+        apertis(["data", "demo", "shapes", "--out", str(out), "--n", "12", *(["--conversations"] * conversations)]) == 0
+    )
     assert (out / "summary.json").is_file()
     for path in (out, out / "train.jsonl", out / "test.jsonl"):
         capsys.readouterr()
@@ -167,8 +182,11 @@ def test_chat_pane_shows_messages_as_plain_text_and_hands_them_back_unchanged():
     config = bot.get_config()
     assert config["render_markdown"] is False and config["latex_delimiters"] == []
     assert chat.PLAIN_TEXT_CLASS in config["elem_classes"] and "pre-wrap" in chat.PLAIN_TEXT_CSS
-    history = [{"role": "user", "content": {"path": "/tmp/x.png"}}, {"role": "user", "content": TRICKY},
-               {"role": "assistant", "content": "  two leading spaces"}]
+    history = [
+        {"role": "user", "content": {"path": "/tmp/x.png"}},
+        {"role": "user", "content": TRICKY},
+        {"role": "assistant", "content": "  two leading spaces"},
+    ]
     sent = bot.postprocess(history)
     shown = sent.root[1].content[0].text
     assert shown == TRICKY.replace("&amp;", "&amp;amp;").replace("<b", "&lt;b").replace("</", "&lt;/")
@@ -238,6 +256,7 @@ def test_chat_tab_labels_and_hidden_second_model(services):
 
 # -- Models: finals listed, checkpoints folded under their run, cards by name -------------------------
 
+
 @pytest.fixture
 def trained(services, tmp_path):
     """A run trained for 4 steps by the real trainer (checkpoints at 2 and 4, a final bundle), registered
@@ -265,18 +284,30 @@ def test_models_lists_final_models_and_folds_checkpoints_under_their_run(service
     shutil.copytree(Path(trained["out_dir"]) / "checkpoints", Path(stopped["out_dir"]) / "checkpoints")
 
     # Newest first; a run with no final model yet (stopped) is listed by its newest checkpoint.
+    models.sync_checkpoints(services)  # the table reads the registry; syncing it with the disk is a separate step
     table = models.models_table(services)
-    assert [(name, kind) for name, kind, _, _ in table] == [("stopped early · step 4", "checkpoint"), ("first try", "trained")]
+    assert [(name, kind) for name, kind, _, _ in table] == [
+        ("stopped early · step 4", "checkpoint"),
+        ("first try", "trained"),
+    ]
     shown, dropdown = models.toggle_checkpoints(services, True, None)
     assert [name for name, *_ in shown] == [
-        "stopped early · step 4", "↳ stopped early · step 2", "first try", "↳ first try · step 4", "↳ first try · step 2"]
+        "stopped early · step 4",
+        "↳ stopped early · step 2",
+        "first try",
+        "↳ first try · step 4",
+        "↳ first try · step 2",
+    ]
     assert [label for label, _ in dropdown.constructor_args["choices"]][3] == "↳ first try · step 4 · checkpoint"
     assert len(models.models_table(services)) == 5  # the toggle is remembered, and shown so on entering the tab
     assert models.refresh(services)[2].constructor_args["value"] is True
     checkpoint = shown[3][3]
     _, dropdown = models.toggle_checkpoints(services, False, checkpoint)
     assert dropdown.constructor_args["value"] == table[0][3]  # a hidden pick moves to a listed model
-    assert [label for label, _ in chat.model_choices(services)] == ["stopped early · step 4 · checkpoint", "first try · trained"]
+    assert [label for label, _ in chat.model_choices(services)] == [
+        "stopped early · step 4 · checkpoint",
+        "first try · trained",
+    ]
 
     # A checkpoint is still exportable: a clean bundle whose card says which run and step it is.
     archive = models.export_zip(services, checkpoint)
@@ -310,17 +341,22 @@ def test_card_pane_follows_the_selection(services, trained):
     blocks = _components(models.build, services)
     pick = next(b for b in blocks if isinstance(b, gr.Dropdown) and b.label == "Model")
     cards = [b.value for b in blocks if isinstance(b, gr.Markdown) and str(b.value).startswith("# ")]
-    assert pick.value == models.models_table(services)[0][3] and cards == [models.show_card(services, pick.value).strip()]
+    assert pick.value == models.models_table(services)[0][3] and cards == [
+        models.show_card(services, pick.value).strip()
+    ]
     message, _, _, dropdown = models.delete_model(services, pick.value)
     assert message.startswith("Deleted") and dropdown.constructor_args["value"] == models.models_table(services)[0][3]
 
 
 def test_hide_paths_keeps_relative_paths_and_urls():
     text = "| data | path: /home/me/ws/datasets/x.jsonl, C:\\Users\\me\\d.txt (see https://example.org/a/b, data/shapes/t.jsonl) |"
-    assert models.hide_paths(text) == "| data | path: x.jsonl, d.txt (see https://example.org/a/b, data/shapes/t.jsonl) |"
+    assert (
+        models.hide_paths(text) == "| data | path: x.jsonl, d.txt (see https://example.org/a/b, data/shapes/t.jsonl) |"
+    )
 
 
 # -- In the browser: a message shows exactly as typed -------------------------------------------------
+
 
 def test_chat_page_shows_a_message_as_typed(studio_url, tmp_path):
     expect = sync_api().expect

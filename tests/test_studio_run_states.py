@@ -92,10 +92,10 @@ def test_metrics_run_pickers_follow_status_changes(tmp_path):
     shown = metrics.run_options(services)
     assert shown == [("r · queued", run_id)]
     outputs = metrics.tick(services, [run_id], None, shown)
-    assert all(picker == gr.skip() for picker in outputs[-1 - metrics.PICKERS:-1])
+    assert all(picker == gr.skip() for picker in outputs[-1 - metrics.PICKERS : -1])
     store.transition_run(run_id, "running")
     store.transition_run(run_id, "stopping")
     store.transition_run(run_id, "stopped")
     outputs = metrics.tick(services, [run_id], outputs[len(metrics.CHART_NAMES) + 1], shown)
     assert outputs[-1] == [("r · stopped", run_id)]
-    assert all(picker.choices == [("r · stopped", run_id)] for picker in outputs[-1 - metrics.PICKERS:-1])
+    assert all(picker.choices == [("r · stopped", run_id)] for picker in outputs[-1 - metrics.PICKERS : -1])

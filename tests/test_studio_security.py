@@ -37,7 +37,17 @@ def _free_port() -> int:
 
 def start_studio(workspace: Path, log: Path, port: int, *extra: str) -> tuple[subprocess.Popen, int]:
     """(process, the port its ready line names) of `python -m studio`, once that port serves `/`."""
-    command = [sys.executable, "-m", "studio", "--no-browser", "--port", str(port), "--workspace", str(workspace), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "studio",
+        "--no-browser",
+        "--port",
+        str(port),
+        "--workspace",
+        str(workspace),
+        *extra,
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + HANG_GUARD_S
@@ -72,13 +82,19 @@ def fetch(url: str, data: bytes | None = None, headers: dict | None = None) -> t
 
 # -- the file route ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """(url, workspace) of a studio over a workspace holding a file in every folder a probe might aim at."""
     tmp = tmp_path_factory.mktemp("security")
     workspace = tmp / "ws"
-    planted = {"runs/r1/config.yaml": "secret: run", "models/m1/config.json": "{}", "datasets/d1/train.txt": "my data",
-               "tmp/exports/old.csv": "step,loss", "tmp/unzipped/z/a.txt": "unzipped data"}
+    planted = {
+        "runs/r1/config.yaml": "secret: run",
+        "models/m1/config.json": "{}",
+        "datasets/d1/train.txt": "my data",
+        "tmp/exports/old.csv": "step,loss",
+        "tmp/unzipped/z/a.txt": "unzipped data",
+    }
     for name, text in planted.items():
         (workspace / name).parent.mkdir(parents=True, exist_ok=True)
         (workspace / name).write_text(text)
@@ -99,11 +115,16 @@ def test_registry_and_workspace_files_are_not_served(studio):
     assert all(path.is_file() for path in registry)  # WAL mode: all three exist while the studio runs
     upload_dir = ws / "tmp" / "gradio"
     probes = [str(p) for p in registry] + [
-        str(ws / "runs/r1/config.yaml"), str(ws / "models/m1/config.json"), str(ws / "datasets/d1/train.txt"),
-        str(ws / "tmp/exports/old.csv"), str(ws / "tmp/unzipped/z/a.txt"),
+        str(ws / "runs/r1/config.yaml"),
+        str(ws / "models/m1/config.json"),
+        str(ws / "datasets/d1/train.txt"),
+        str(ws / "tmp/exports/old.csv"),
+        str(ws / "tmp/unzipped/z/a.txt"),
         f"{upload_dir}/../../studio.db",  # traversal out of the served folder
         f"{upload_dir}/../../runs/r1/config.yaml",
-        "/etc/passwd", "README.md", "../README.md",  # elsewhere on the machine; relative to the studio's folder
+        "/etc/passwd",
+        "README.md",
+        "../README.md",  # elsewhere on the machine; relative to the studio's folder
     ]
     for path in probes:
         status, body, _ = fetch(_file_url(url, path))
@@ -118,9 +139,17 @@ def test_registry_and_workspace_files_are_not_served(studio):
 
 def _upload(url: str, name: str, content: bytes) -> str:
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    status, reply, _ = fetch(url + "gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, reply, _ = fetch(
+        url + "gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert status == 200, reply
     return json.loads(reply)[0]
 
@@ -134,7 +163,9 @@ def test_uploads_and_exports_are_served(studio, tmp_path):
     from gradio_client import Client
 
     client = Client(url, verbose=False, download_files=str(tmp_path))
-    demo = next(row for row in __import__("studio.store", fromlist=["Store"]).Store(ws).list_models() if row["kind"] == "demo")
+    demo = next(
+        row for row in __import__("studio.store", fromlist=["Store"]).Store(ws).list_models() if row["kind"] == "demo"
+    )
     downloaded = client.predict(demo["id"], api_name="/export_model")
     assert "model.safetensors" in zipfile.ZipFile(downloaded).namelist()
 
@@ -154,19 +185,34 @@ def test_dataset_previews_are_served(studio, tmp_path):
         Image.new("RGB", (32, 32), (255, 0, 0)).save(png, "PNG")
         for i in range(3):
             zf.writestr(f"img{i}.png", png.getvalue())
-        zf.writestr("data.jsonl", "".join(json.dumps({"image": f"img{i}.png", "caption": "red"}) + "\n" for i in range(3)))
-    _, dataset_id = Client(url, verbose=False).predict([handle_file(str(archive))], "pictures", api_name="/upload_dataset")
+        zf.writestr(
+            "data.jsonl", "".join(json.dumps({"image": f"img{i}.png", "caption": "red"}) + "\n" for i in range(3))
+        )
+    _, dataset_id = Client(url, verbose=False).predict(
+        [handle_file(str(archive))], "pictures", api_name="/upload_dataset"
+    )
     with httpx.Client(timeout=120, trust_env=False) as http:
         config = http.get(url + "config").json()
         kinds = {component["id"]: component.get("type") for component in config["components"]}
-        inspect = next(d for d in config["dependencies"]
-                       if "gallery" in {kinds.get(o) for o in d["outputs"]} and [kinds.get(i) for i in d["inputs"]] == ["dropdown"])
-        join = {"data": [dataset_id], "fn_index": inspect["id"], "session_hash": "previews", "event_data": None,
-                "trigger_id": None}
+        inspect = next(
+            d
+            for d in config["dependencies"]
+            if "gallery" in {kinds.get(o) for o in d["outputs"]} and [kinds.get(i) for i in d["inputs"]] == ["dropdown"]
+        )
+        join = {
+            "data": [dataset_id],
+            "fn_index": inspect["id"],
+            "session_hash": "previews",
+            "event_data": None,
+            "trigger_id": None,
+        }
         http.post(url + "gradio_api/queue/join", json=join).raise_for_status()
         with http.stream("GET", url + "gradio_api/queue/data?session_hash=previews") as events:
-            done = next(m for m in (json.loads(line[5:]) for line in events.iter_lines() if line.startswith("data:"))
-                        if m.get("msg") == "process_completed")
+            done = next(
+                m
+                for m in (json.loads(line[5:]) for line in events.iter_lines() if line.startswith("data:"))
+                if m.get("msg") == "process_completed"
+            )
         gallery = next(o for o in done["output"]["data"] if isinstance(o, list) and o and "image" in o[0])
         assert len(gallery) == 3
         for item in gallery:
@@ -190,6 +236,7 @@ def test_file_policy_follows_links_and_refuses_the_registry(tmp_path):
 
 
 # -- sign-in throttle -------------------------------------------------------------------------------
+
 
 class Clock:
     def __init__(self):
@@ -254,6 +301,7 @@ def test_wrong_passwords_are_throttled_per_client(tmp_path):
 
 
 # -- restart after kill -9 --------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kill -9 and TCP states as Linux has them")
 def test_studio_killed_with_kill_9_restarts_on_its_port(tmp_path):

@@ -23,8 +23,9 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopbac
 
 def test_port_notice_says_which_port_and_why():
     assert port_notice(7860, 7860) is None
-    assert port_notice(7860, 7861) == ("studio: port 7860 is in use (another program, or a studio that did not "
-                                       "shut down); serving on 7861 instead")
+    assert port_notice(7860, 7861) == (
+        "studio: port 7860 is in use (another program, or a studio that did not shut down); serving on 7861 instead"
+    )
     assert "ports 7860-7862 are in use" in port_notice(7860, 7863)
     assert "http" not in port_notice(7860, 7861)  # the launcher opens the first URL printed: the ready line's
 
@@ -87,8 +88,12 @@ def test_studio_on_a_taken_port_then_shut_down(tmp_path, signum):
     asked = taken.getsockname()[1]
     log_path = tmp_path / "studio.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "studio", "--no-browser", "--port", str(asked), "--workspace",
-                                 str(workspace)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "studio", "--no-browser", "--port", str(asked), "--workspace", str(workspace)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         got = _wait_ready(proc, log_path)
         proc.send_signal(signum)
@@ -98,8 +103,10 @@ def test_studio_on_a_taken_port_then_shut_down(tmp_path, signum):
         assert lines[0] == port_notice(asked, got) and got != asked
         assert [line for line in lines if "http://" in line] == [lines[1]]  # one ready line, one URL
         reason = "SIGTERM" if signum == signal.SIGTERM else "Ctrl+C"
-        assert lines[2:] == [f"Apertis Studio shut down ({reason}). 1 run is still training in the background "
-                             "(long run); start the studio again to follow or stop it."]
+        assert lines[2:] == [
+            f"Apertis Studio shut down ({reason}). 1 run is still training in the background "
+            "(long run); start the studio again to follow or stop it."
+        ]
         assert worker.poll() is None and Store(workspace).get_run(run_id)["status"] == "running"
     finally:
         if proc.poll() is None:

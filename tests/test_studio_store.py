@@ -58,28 +58,40 @@ def _old_registry(path, rows):
     db = sqlite3.connect(path / "studio.db")
     db.execute("PRAGMA user_version = 0")
     for index, (status, reason) in enumerate(rows):
-        db.execute("INSERT INTO runs(id, name, status, config, out_dir, created, exit_reason) VALUES (?, ?, ?, '{}', '', ?, ?)",
-                   (f"run-{index}", f"r{index}", status, float(index), reason))
+        db.execute(
+            "INSERT INTO runs(id, name, status, config, out_dir, created, exit_reason) VALUES (?, ?, ?, '{}', '', ?, ?)",
+            (f"run-{index}", f"r{index}", status, float(index), reason),
+        )
     db.commit()
     db.close()
 
 
 def test_old_registry_statuses_are_migrated_once(tmp_path):
-    _old_registry(tmp_path, [
-        ("interrupted", "stopped on request; a checkpoint was saved - press Resume to continue"),
-        ("interrupted", "cancelled before it started; press Resume to queue it again"),
-        ("interrupted", "the worker process ended while the studio was closed without finishing"),
-        ("finished", "finished"),
-        ("paused", None),  # a word no studio here ever wrote: from a newer version or a damaged file
-    ])
+    _old_registry(
+        tmp_path,
+        [
+            ("interrupted", "stopped on request; a checkpoint was saved - press Resume to continue"),
+            ("interrupted", "cancelled before it started; press Resume to queue it again"),
+            ("interrupted", "the worker process ended while the studio was closed without finishing"),
+            ("finished", "finished"),
+            ("paused", None),  # a word no studio here ever wrote: from a newer version or a damaged file
+        ],
+    )
     store = Store(tmp_path)
     runs = {run["id"]: run for run in store.list_runs()}
-    assert [runs[f"run-{i}"]["status"] for i in range(5)] == ["stopped", "stopped", "interrupted", "finished", "interrupted"]
+    assert [runs[f"run-{i}"]["status"] for i in range(5)] == [
+        "stopped",
+        "stopped",
+        "interrupted",
+        "finished",
+        "interrupted",
+    ]
     assert "'paused'" in runs["run-4"]["exit_reason"] and "Resume" in runs["run-4"]["exit_reason"]
     assert sqlite3.connect(tmp_path / "studio.db").execute("PRAGMA user_version").fetchone()[0] == 2
     # Once migrated, a stop reason written by hand (or a future word) is not rewritten on the next open.
     sqlite3.connect(tmp_path / "studio.db", isolation_level=None).execute(
-        "UPDATE runs SET status = 'interrupted' WHERE id = 'run-0'")
+        "UPDATE runs SET status = 'interrupted' WHERE id = 'run-0'"
+    )
     assert Store(tmp_path).get_run("run-0")["status"] == "interrupted"
 
 
@@ -100,8 +112,16 @@ def test_close_reaches_every_thread_and_the_store_still_works_after(tmp_path):
 def test_metrics_numbers_and_json_and_csv(tmp_path):
     store = Store(tmp_path)
     run_id = store.create_run("r", "{}")["id"]
-    store.add_metrics(run_id, [(1, "train/loss", 2.5), (1, "lr", 1e-3), (2, "train/loss", 2.0),
-                               (2, "experts/layer1", [0.5, 0.5]), (2, "val/loss", float("nan"))])
+    store.add_metrics(
+        run_id,
+        [
+            (1, "train/loss", 2.5),
+            (1, "lr", 1e-3),
+            (2, "train/loss", 2.0),
+            (2, "experts/layer1", [0.5, 0.5]),
+            (2, "val/loss", float("nan")),
+        ],
+    )
     steps, values = store.series(run_id, "train/loss")
     assert steps == [1, 2] and values == [2.5, 2.0]
     assert store.series(run_id, "experts/layer1")[1] == [[0.5, 0.5]]

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from studio import jobs
+from studio import jobs, run_config
 from studio.__main__ import free_port, resolve_auth
 from studio.app import Services
 from studio.jobs import JobManager
@@ -50,6 +50,7 @@ def _form_values(**changes):
 
 # -- Dataset ----------------------------------------------------------------------------------------
 
+
 def test_upload_reports_every_problem_with_file_and_line(services, tmp_path):
     good, bad = tmp_path / "a.txt", tmp_path / "b.jsonl"
     good.write_text("hello world\n" * 20)
@@ -87,10 +88,13 @@ def test_demo_shapes_has_image_gallery(services, monkeypatch):
 
 # -- Train ------------------------------------------------------------------------------------------
 
+
 def test_run_mapping_uses_dataset_and_tokenizer_and_validates(services):
     _, data_id = dataset.add_demo(services, "text")
     services.store.update_dataset_summary(data_id, tokenizer="/x/tokenizer.json")
-    mapping = train.run_mapping(services, data_id, "apertis-nano", dict(zip(train.FIELDS, _form_values(), strict=True)))
+    mapping = run_config.run_mapping(
+        services, data_id, "apertis-nano", dict(zip(train.FIELDS, _form_values(), strict=True))
+    )
     assert mapping["data"]["path"].endswith("sample.txt") and mapping["data"]["tokenizer"] == "/x/tokenizer.json"
     assert mapping["train"]["max_steps"] == FORM["max_steps"] and "out_dir" not in mapping
     command, text = train.show_command(services, data_id, "apertis-nano", *_form_values(extra="train.lrr=1"))
@@ -119,29 +123,34 @@ def test_start_status_stop_through_handlers(services, monkeypatch):
     os.kill(services.store.get_run(run_id)["pid"], signal.SIGKILL)
 
 
-def test_preset_list_matches_the_model_presets():
-    from apertis_core import ModelConfig
-
-    assert train.PRESETS == ModelConfig.presets()
-
-
 def test_page_builds_without_importing_torch(tmp_path):
-    """torch costs about 2 s of start-up and the page needs none of it (it is imported once the page is up)."""
+    """torch costs about 2 s of start-up and the page needs none of it (it is imported once the page is up);
+    the page does use apertis_core's config modules (presets, file names), which import without torch."""
     import subprocess
 
-    code = ("import sys; from studio.app import build_app, make_services; build_app(make_services(sys.argv[1])); "
-            "print(sorted(m for m in ('torch', 'apertis_core') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys; from studio.app import build_app, make_services; build_app(make_services(sys.argv[1])); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'safetensors') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # -- Metrics ----------------------------------------------------------------------------------------
 
+
 def test_metrics_view_draws_then_skips_when_unchanged(services):
     run = services.store.create_run("a", "train: {lr: 0.001}\n")
     other = services.store.create_run("b", "train: {lr: 0.002}\n")
-    services.store.add_metrics(run["id"], [(1, "train/loss", 3.0), (1, "sample/prompt", "The"), (1, "sample/text", "cat")])
+    services.store.add_metrics(
+        run["id"], [(1, "train/loss", 3.0), (1, "sample/prompt", "The"), (1, "sample/text", "cat")]
+    )
     *figures, samples, signature = metrics.metrics_view(services, [run["id"], other["id"]])
     assert figures[0].data and samples == [[1, "The", "cat"]]
     again = metrics.metrics_view(services, [run["id"], other["id"]], signature)
@@ -157,6 +166,7 @@ def test_metrics_csv_download(services):
 
 
 # -- Models -----------------------------------------------------------------------------------------
+
 
 def test_export_import_and_delete_bundle(services, bundle, tmp_path):
     assert "steps" in models.show_card(services, bundle)
@@ -190,7 +200,7 @@ def test_chat_streams_cumulative_reply(services, bundle):
 
 
 def test_chat_without_model_or_with_image_on_text_model(services, bundle, tmp_path):
-    (history, message), = chat.chat(services, "Hi", [], None, *SETTINGS)
+    ((history, message),) = chat.chat(services, "Hi", [], None, *SETTINGS)
     assert "Pick a model" in message
     image = tmp_path / "x.png"
     from PIL import Image
@@ -213,6 +223,7 @@ def test_conversation_save_and_load(services):
 
 
 # -- Launch -----------------------------------------------------------------------------------------
+
 
 def test_network_host_needs_credentials():
     with pytest.raises(SystemExit, match="--auth"):

@@ -92,8 +92,16 @@ def test_measurement_uses_the_run_threads_and_gives_back_the_callers(tmp_path):
 
 
 def test_eta_adds_start_up_first_step_evaluations_and_samples(tmp_path):
-    run = tiny_run(tmp_path, max_steps=100, eval_every=20, eval_batches=6, grad_accum=1, sample_every=50,
-                   sample_prompts=["a", "b"], sample_tokens=10)
+    run = tiny_run(
+        tmp_path,
+        max_steps=100,
+        eval_every=20,
+        eval_batches=6,
+        grad_accum=1,
+        sample_every=50,
+        sample_prompts=["a", "b"],
+        sample_tokens=10,
+    )
     measured = Measurement(step_s=0.5, first_step_s=2.0, setup_s=3.0, sample_token_s=0.01, threads=2, startup_s=4.0)
     plan = plan_run(run, measurement=measured)
     evaluation = 6 * 0.5 / 3  # a forward pass is about a third of a step

@@ -15,8 +15,8 @@ from apertis_core.vision import (
     ImageError,
     file_image_tokens,
     image_grid,
-    load_image,
     num_image_tokens,
+    open_image,
     preprocess_image,
 )
 from apertis_core.vision.encoder import UnifiedMultimodalEncoder
@@ -145,14 +145,14 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no PIL warning leaks out
         with pytest.raises(ImageError, match=r"bomb\.png.*decompression bomb"):
-            load_image(bomb)
+            open_image(bomb)
 
 
 def test_pixel_cap_is_configurable(tmp_path):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
-    assert load_image(tmp_path / "big.png").size == (100, 100)
+    assert open_image(tmp_path / "big.png").size == (100, 100)
     with pytest.raises(ImageError, match=r"big\.png: image too large \(100x100 = 10,000 pixels; limit 5,000 pixels\)"):
-        load_image(tmp_path / "big.png", max_pixels=5000)
+        open_image(tmp_path / "big.png", max_pixels=5000)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -161,7 +161,7 @@ def test_truncated_file_gives_clear_error(tmp_path, fmt):
     Image.effect_noise((64, 64), 50).convert("RGB").save(path, format=fmt)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ImageError, match=rf"cut\.{fmt.lower()}: damaged or truncated image"):
-        load_image(path)
+        open_image(path)
     with pytest.raises(ImageError, match="damaged or truncated"):
         preprocess_image(path, 8, 16)
 
@@ -169,9 +169,9 @@ def test_truncated_file_gives_clear_error(tmp_path, fmt):
 def test_non_image_and_missing_files(tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(ImageError, match=r"notes\.png: not an image"):
-        load_image(tmp_path / "notes.png")
+        open_image(tmp_path / "notes.png")
     with pytest.raises(ImageError, match=r"absent\.png: file not found"):
-        load_image(tmp_path / "absent.png")
+        open_image(tmp_path / "absent.png")
 
 
 # ---- the encoder ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
+from ..chat_prompt import chat_prompt, with_images
 from .common import (
     add_sampling_args,
     generation_config,
@@ -57,16 +58,9 @@ class Conversation:
         self.messages.pop()
         self.images.pop()
 
-    def drop_oldest_turn(self) -> bool:
-        """Forget the oldest user/assistant exchange; False when only the newest message is left."""
-        if len(self.messages) <= 1:
-            return False
-        del self.messages[:2], self.images[:2]
-        return True
-
-    def prompt(self) -> tuple[list[dict], list[torch.Tensor]]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages, [image for images in self.images for image in images]
+    def prompt(self, model, tokenizer, max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+        """Prompt ids and images, old turns trimmed to fit the context (see apertis_core.chat_prompt)."""
+        return chat_prompt(model, tokenizer, self.messages, self.images, self.system, max_new_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +112,7 @@ def chat_loop(model, tokenizer, config, stdin: TextIO, out: TextIO, system: str 
             else:
                 print(f"unknown command {command}; {HELP}", file=out)
             continue
-        text = "".join("<image>\n" for _ in pending) + line
-        conversation.add("user", text, pending)
+        conversation.add("user", with_images(line, len(pending)), pending)
         pending = []
         try:
             reply = _answer(model, tokenizer, config, conversation, out)
@@ -138,14 +131,7 @@ def chat_loop(model, tokenizer, config, stdin: TextIO, out: TextIO, system: str 
 
 def _answer(model, tokenizer, config, conversation: Conversation, out: TextIO) -> str:
     """Stream the assistant's reply to the conversation so far, trimming old turns that do not fit."""
-    budget = model.config.max_seq_len - min(config.max_new_tokens, model.config.max_seq_len // 2)
-    while True:
-        messages, images = conversation.prompt()
-        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-        if images:
-            ids = model.expand_image_tokens(ids, images)
-        if len(ids) <= budget or not conversation.drop_oldest_turn():
-            break
+    ids, images = conversation.prompt(model, tokenizer, config.max_new_tokens)
     prefix = "assistant> " if out.isatty() else ""
     out.write(prefix)
     reply = stream_reply(model, tokenizer, ids, config, out, images=images)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 # Exit codes of `data validate`: every record usable / some skipped / nothing usable (or bad input).
 EXIT_CLEAN, EXIT_SKIPPED, EXIT_UNUSABLE = 0, 1, 2
@@ -33,21 +32,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     demo = data_sub.add_parser("demo", help="generate demo datasets", description="Generate demo datasets.")
     demo_sub = demo.add_subparsers(dest="demo_command", metavar="DATASET", required=True)
-    if importlib.util.find_spec("apertis_core.data.shapes") is not None:
-        shapes = demo_sub.add_parser(
-            "shapes",
-            help="synthetic images of shapes with captions and questions (a visual Q&A demo)",
-            description="Write images/, train.jsonl, test.jsonl and summary.json: coloured shapes with captions and questions.",
-        )
-        shapes.add_argument("--out", required=True, metavar="DIR", help="the folder to write into")
-        shapes.add_argument("--n", type=int, default=2000, metavar="N", help="number of scenes (default 2000)")
-        shapes.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-        shapes.add_argument(
-            "--conversations",
-            action="store_true",
-            help="ask each training scene's questions in one multi-turn chat (several times cheaper to train on)",
-        )
-        shapes.set_defaults(run=run_shapes)
+    shapes = demo_sub.add_parser(
+        "shapes",
+        help="synthetic images of shapes with captions and questions (a visual Q&A demo)",
+        description="Write images/, train.jsonl, test.jsonl and summary.json: coloured shapes with captions and questions.",
+    )
+    shapes.add_argument("--out", required=True, metavar="DIR", help="the folder to write into")
+    shapes.add_argument("--n", type=int, default=2000, metavar="N", help="number of scenes (default 2000)")
+    shapes.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    shapes.add_argument(
+        "--conversations",
+        action="store_true",
+        help="ask each training scene's questions in one multi-turn chat (several times cheaper to train on)",
+    )
+    shapes.set_defaults(run=run_shapes)
+    text = demo_sub.add_parser(
+        "text",
+        help="a small English-like text corpus from templates (a text-only demo)",
+        description="Write one template sentence a line: deterministic, license-free, quick to learn.",
+    )
+    text.add_argument("--out", required=True, metavar="FILE", help="the text file to write")
+    text.add_argument("--lines", type=int, default=3000, metavar="N", help="number of sentences (default 3000)")
+    text.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    text.set_defaults(run=run_text)
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -79,4 +86,14 @@ def run_shapes(args: argparse.Namespace) -> int:
         f"train on {out}/train.jsonl (set data.path to it); test.jsonl holds the held-out questions, "
         "summary.json describes the set"
     )
+    return 0
+
+
+def run_text(args: argparse.Namespace) -> int:
+    from ..data.demo_text import write_demo_text
+
+    if args.lines < 1:
+        raise ValueError(f"--lines must be >= 1, got {args.lines}")
+    path = write_demo_text(args.out, lines=args.lines, seed=args.seed)
+    print(f"wrote {args.lines} sentences to {path}; train on it (set data.path to it)")
     return 0

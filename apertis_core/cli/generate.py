@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..chat_prompt import with_images
 from .common import (
     add_sampling_args,
     generation_config,
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, args.device)
     images = [load_prompt_image(model, args.image)] if args.image else []
-    text = f"<image>\n{args.prompt}" if images else args.prompt
+    text = with_images(args.prompt, len(images))
     if args.chat:
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
     else:

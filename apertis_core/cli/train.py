@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..training import RunConfig
 
-STOP_FILE = "STOP"
+from ..filenames import STOP_FILE
 
 
 def register(sub: argparse._SubParsersAction) -> None:

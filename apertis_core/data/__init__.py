@@ -1,23 +1,23 @@
 """Datasets: read user files (text, chat, captions, visual Q&A; folders and zips), report problems, and
-turn records into token windows and batches for training."""
+turn records into token windows and batches for training.
 
-from .config import DataConfig
-from .dataset import TokenDataset, build_datasets
-from .loader import Batch, BatchLoader
-from .records import Problem, Record, corpus_texts
-from .report import ValidationReport
-from .sources import load_dataset, validate_dataset
+Names load on first use (see ..lazy): DataConfig imports without torch.
+"""
 
-__all__ = [
-    "Batch",
-    "BatchLoader",
-    "DataConfig",
-    "Problem",
-    "Record",
-    "TokenDataset",
-    "ValidationReport",
-    "build_datasets",
-    "corpus_texts",
-    "load_dataset",
-    "validate_dataset",
-]
+from ..lazy import lazy_exports
+
+_EXPORTS = {
+    "Batch": ".loader",
+    "BatchLoader": ".loader",
+    "DataConfig": ".config",
+    "Problem": ".records",
+    "Record": ".records",
+    "TokenDataset": ".dataset",
+    "ValidationReport": ".report",
+    "build_datasets": ".dataset",
+    "corpus_texts": ".records",
+    "load_dataset": ".sources",
+    "validate_dataset": ".sources",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..configio import ConfigError
+from ..image_tokens import image_token_repeats
 from .config import DataConfig
 from .records import Record
 
@@ -57,8 +58,6 @@ def encode_records(records: Sequence[Record], tokenizer, image_tokens: ImageToke
 
 
 def _with_image_positions(ids, mask, images, image_id: int, image_tokens: ImageTokens) -> Encoded:
-    from ..vision.preprocess import image_token_repeats  # vision imports data: import it only when used
-
     repeats = image_token_repeats(ids, image_id, [image_tokens(path) for path in images])
     mask = mask or [True] * len(ids)
     wide_ids, wide_mask, spans = [], [], []

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..chat_prompt import with_images
 from ..fileio import atomic_write_text
 from .sources import SUMMARY_FILE
 
@@ -149,7 +150,10 @@ def _relational(scene: Scene, o: Shape, the: str) -> list[Question]:
 def _question_record(image: str, q: Question) -> dict:
     return {
         "image": image,
-        "messages": [{"role": "user", "content": f"<image>\n{q.question}"}, {"role": "assistant", "content": q.answer}],
+        "messages": [
+            {"role": "user", "content": with_images(q.question, 1)},
+            {"role": "assistant", "content": q.answer},
+        ],
         "kind": q.kind,
         "qtype": q.qtype,
     }
@@ -158,7 +162,7 @@ def _question_record(image: str, q: Question) -> dict:
 def _conversation_record(image: str, asked: list[Question]) -> dict:
     turns = []
     for index, q in enumerate(asked):
-        question = f"<image>\n{q.question}" if index == 0 else q.question
+        question = with_images(q.question, 1) if index == 0 else q.question
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": q.answer}]
     return {"image": image, "messages": turns, "kind": "conversation"}
 

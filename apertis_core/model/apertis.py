@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..image_tokens import expand_image_tokens, num_image_tokens
+from ..vision.encoder import UnifiedMultimodalEncoder
 from .attention import SoftmaxAttention
 from .config import ModelConfig
 from .experts import AdaptiveExpertSystem
@@ -91,8 +93,6 @@ class ApertisModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.vision = None
         if cfg.image_encoder != "none":
-            from ..vision.encoder import UnifiedMultimodalEncoder  # torchvision is only needed for image models
-
             self.vision = UnifiedMultimodalEncoder(cfg)
         self._init_weights()
 
@@ -130,8 +130,6 @@ class ApertisModel(nn.Module):
 
     def expand_image_tokens(self, ids: list[int], images: list[torch.Tensor]) -> list[int]:
         """A prompt's ids with each <image> widened to the positions its preprocessed image fills."""
-        from ..vision.preprocess import expand_image_tokens, num_image_tokens
-
         counts = [num_image_tokens(image, self.config.image_patch_size) for image in images]
         return expand_image_tokens(ids, self.config.image_token_id, counts)
 

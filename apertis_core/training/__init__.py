@@ -4,29 +4,29 @@ from apertis_core.training import RunConfig, plan_run, train, ProgressBar
 run = RunConfig.load("run.yaml", ["train.lr=1e-3"])
 print(plan_run(run).to_text())
 result = train(run, callbacks=[ProgressBar()])
+
+Names load on first use (see ..lazy): RunConfig and STOP_FILE import without torch.
 """
 
-from .callbacks import Callback, CallbackList, JsonlLogger, ProgressBar, TrainState, read_metrics
-from .checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints
-from .config import RunConfig, TrainConfig
-from .planning import TrainPlan, plan_run
-from .trainer import STOP_FILE, TrainResult, train
+from ..lazy import lazy_exports
 
-__all__ = [
-    "Callback",
-    "CallbackList",
-    "JsonlLogger",
-    "ProgressBar",
-    "RunConfig",
-    "STOP_FILE",
-    "TrainConfig",
-    "TrainPlan",
-    "TrainResult",
-    "TrainState",
-    "best_checkpoint",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "plan_run",
-    "read_metrics",
-    "train",
-]
+_EXPORTS = {
+    "Callback": ".callbacks",
+    "CallbackList": ".callbacks",
+    "JsonlLogger": ".callbacks",
+    "ProgressBar": ".callbacks",
+    "RunConfig": ".config",
+    "STOP_FILE": "..filenames",
+    "TrainConfig": ".config",
+    "TrainPlan": ".planning",
+    "TrainResult": ".trainer",
+    "TrainState": ".callbacks",
+    "best_checkpoint": ".checkpoint",
+    "latest_checkpoint": ".checkpoint",
+    "list_checkpoints": ".checkpoint",
+    "plan_run": ".planning",
+    "read_metrics": ".callbacks",
+    "train": ".trainer",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

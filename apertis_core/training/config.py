@@ -13,6 +13,7 @@ from typing import Any, Literal
 from ..configio import ConfigError, from_dict, parse_set_args, read_mapping, to_dict, write_mapping
 from ..data import DataConfig
 from ..model import ModelConfig
+from ..tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 @dataclass
@@ -135,3 +136,10 @@ def merge_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, 
             raise ConfigError(f"--set {key}: settings are at most two levels deep (section.key)")
         section[rest] = value
     return merged
+
+
+def planned_vocab_size(run_config: RunConfig) -> int:
+    """The vocabulary the run will have: a given tokenizer's, else the size it will be trained to."""
+    if run_config.data.tokenizer:
+        return Tokenizer.load(run_config.data.tokenizer).vocab_size
+    return max(run_config.data.vocab_size, 256 + len(SPECIAL_TOKENS))  # below that it is byte-level

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..model import ApertisModel, ModelConfig
 from ..tokenizer import Tokenizer
+from .build import fresh_model_config, image_cache
 from .config import RunConfig, TrainConfig
 from .hardware import peak_flops, pick_device
 from .optim import build_optimizer
@@ -90,7 +91,6 @@ def _measured_setup(run_config: RunConfig, device: torch.device, precision: Prec
     """(model, tokenizer, one training step, seconds the unread data would have added, batches in one pass
     over the validation set) for `measure_run`."""
     from ..data import BatchLoader, build_datasets, corpus_texts, load_dataset
-    from .session import _fresh_model_config, _image_cache  # how the trainer builds them, not a copy
 
     cfg = run_config.train
     records, _ = load_dataset(run_config.data.path)
@@ -100,8 +100,8 @@ def _measured_setup(run_config: RunConfig, device: torch.device, precision: Prec
         tokenizer = Tokenizer.load(run_config.data.tokenizer)
     else:
         tokenizer = Tokenizer.train(corpus_texts(part), run_config.data.vocab_size)
-    model_config = _fresh_model_config(run_config.model, tokenizer)
-    images = _image_cache(model_config, run_config.data.image_augment)
+    model_config = fresh_model_config(run_config.model, tokenizer)
+    images = image_cache(model_config, run_config.data.image_augment)
     train_data, val_data = build_datasets(part, tokenizer, run_config.data, images.file_tokens if images else None)
     unread_s = (time.perf_counter() - started) * (1 / share - 1)  # tokenizer and windows grow with the data
     val_batches = math.ceil(len(val_data) / share / cfg.batch_size)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import ApertisModel
-from ..tokenizer import SPECIAL_TOKENS, Tokenizer
-from .config import RunConfig, TrainConfig
+from .config import RunConfig, TrainConfig, planned_vocab_size
 from .hardware import pick_device
 from .measure import Measurement, measure_run
 from .precision import Precision, resolve_precision
@@ -129,13 +128,6 @@ def plan_run(
         sample_seconds=sample_s,
         measured_in=m.where,
     )
-
-
-def planned_vocab_size(run_config: RunConfig) -> int:
-    """The vocabulary the run will have: a given tokenizer's, else the size it will be trained to."""
-    if run_config.data.tokenizer:
-        return Tokenizer.load(run_config.data.tokenizer).vocab_size
-    return max(run_config.data.vocab_size, 256 + len(SPECIAL_TOKENS))  # below that it is byte-level
 
 
 def estimate_memory(model: ApertisModel, batch_size: int, seq_len: int, precision: Precision) -> int:

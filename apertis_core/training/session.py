@@ -21,6 +21,7 @@ from ..configio import ConfigError
 from ..data import BatchLoader, TokenDataset, build_datasets, corpus_texts, load_dataset
 from ..model import ApertisModel, ModelConfig
 from ..tokenizer import Tokenizer
+from .build import fresh_model_config, image_cache
 from .checkpoint import latest_checkpoint, load_trainer_state, resolve_checkpoint
 from .config import RunConfig
 from .distributed import DistContext, wrap_model
@@ -70,10 +71,10 @@ def open_session(
     records, report = load_dataset(run.data.path)
     tokenizer = _tokenizer(run, ctx, records, checkpoint)
     model_config = (
-        read_model_config(checkpoint / "config.json") if checkpoint else _fresh_model_config(run.model, tokenizer)
+        read_model_config(checkpoint / "config.json") if checkpoint else fresh_model_config(run.model, tokenizer)
     )
     _check_images(report.stats["images"], model_config)
-    images = _image_cache(model_config, run.data.image_augment)
+    images = image_cache(model_config, run.data.image_augment)
     image_tokens = images.file_tokens if images else None
     train_data, val_data = build_datasets(records, tokenizer, run.data, image_tokens)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -130,24 +131,12 @@ def _tokenizer(run: RunConfig, ctx: DistContext, records: list, checkpoint: Path
     return Tokenizer.load(path)
 
 
-def _fresh_model_config(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
-    return model.replace(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id).validated()
-
-
 def _check_images(n_images: int, model_config: ModelConfig) -> None:
     if n_images and model_config.image_encoder == "none":
         raise ConfigError(
             f"the dataset has {n_images} images but the model has no image encoder; set model.image_encoder "
             "(for example --set model.image_encoder=vit), or train on text-only data"
         )
-
-
-def _image_cache(model_config: ModelConfig, augment: bool):
-    if model_config.image_encoder == "none":
-        return None
-    from ..vision import Augment, ImageCache  # torchvision loads only for image models
-
-    return ImageCache(model_config.image_patch_size, model_config.image_max_patches, Augment() if augment else None)
 
 
 def _budget_total(run: RunConfig, session: Session, started: float) -> int:

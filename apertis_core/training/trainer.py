@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import save_bundle
+from ..filenames import FINAL_DIR, STOP_FILE
 from ..generation import GenerationConfig, generate
 from .callbacks import Callback, CallbackList, JsonlLogger, TrainState
 from .checkpoint import checkpoint_dir, mark_best_if_better, prune_checkpoints, save_checkpoint
@@ -29,7 +30,6 @@ from .measure import train_threads
 from .planning import budget_steps
 from .session import Session, capture_state, open_session
 
-STOP_FILE = "STOP"
 IGNORE_INDEX = -100
 
 
@@ -299,7 +299,7 @@ class _Loop:
         self._evaluate()
         if not checkpoint_dir(self.out, session.step).exists():  # "train N more" continues from this checkpoint
             self._save()
-        bundle = self.out / "final"
+        bundle = self.out / FINAL_DIR
         if session.ctx.is_main:
             card = {
                 "steps": session.step,

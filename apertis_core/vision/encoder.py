@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configio import ConfigError
+from ..image_tokens import patch_grid
 from ..model.config import ModelConfig
 from ..model.layers import GatedFFN, RMSNorm
-from .preprocess import patch_grid
 
 # ResNet stage whose output stride equals the patch size: the final feature map of the (truncated)
 # backbone is then exactly the patch grid, so num_image_tokens() holds for every encoder.

@@ -2,7 +2,8 @@
 
 The handler is a generator that yields the whole conversation each time a token arrives (Gradio's
 messages format), so the browser shows the reply growing and Stop simply cancels the generator.
-Loaded models are kept in a small per-app cache so a conversation does not reload weights every turn.
+Loaded models come from the app's ModelCache (studio/model_cache.py); prompts are built by
+apertis_core.chat_prompt, as `apertis chat` builds them.
 Messages are shown as the plain text they are (PlainTextChatbot): a small model's output is not Markdown.
 """
 
@@ -11,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -21,33 +20,16 @@ from typing import Any
 
 import gradio as gr
 
+from ..listings import model_label, model_options
+
 LOADED_MODEL = "chat.loaded_model"  # the model last sent here by the Models tab's "Load into Chat"
 SAMPLING = [  # (label, default, minimum, maximum, step)
-    ("Temperature", 0.8, 0.0, 2.0, 0.05), ("Top-k", 50, 0, 200, 1), ("Top-p", 0.95, 0.05, 1.0, 0.01),
-    ("Max new tokens", 128, 1, 1024, 1), ("Repetition penalty", 1.1, 1.0, 2.0, 0.01),
+    ("Temperature", 0.8, 0.0, 2.0, 0.05),
+    ("Top-k", 50, 0, 200, 1),
+    ("Top-p", 0.95, 0.05, 1.0, 0.01),
+    ("Max new tokens", 128, 1, 1024, 1),
+    ("Repetition penalty", 1.1, 1.0, 2.0, 0.01),
 ]
-
-
-class ModelCache:
-    """The most recently used models (two, for side-by-side), reloaded when their weights file changes."""
-
-    def __init__(self, capacity: int = 2):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, float], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, folder: str):
-        from apertis_core.bundle import load_bundle
-
-        weights = Path(folder) / "model.safetensors"
-        key = (str(folder), weights.stat().st_mtime if weights.exists() else 0.0)
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = load_bundle(folder)
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-            self._items.move_to_end(key)
-            return self._items[key]
 
 
 # Gradio's Chatbot puts a message into the page as HTML even with Markdown off, so "<b>" would turn bold
@@ -61,7 +43,9 @@ _ENTITY_OF = {"&": "&amp;", "<": "&lt;"}
 PLAIN_TEXT_CLASS = "apertis-plain-text"
 # Gradio shows a message without Markdown with white-space: pre-line, which drops leading and repeated
 # spaces: an indented line would lose its indent. pre-wrap keeps every space, tab and line break.
-PLAIN_TEXT_CSS = f"<style>.{PLAIN_TEXT_CLASS} .message-markdown-disabled {{ white-space: pre-wrap !important; }}</style>"
+PLAIN_TEXT_CSS = (
+    f"<style>.{PLAIN_TEXT_CLASS} .message-markdown-disabled {{ white-space: pre-wrap !important; }}</style>"
+)
 
 
 def to_display(text: str) -> str:
@@ -112,8 +96,9 @@ with _without_type_stub():
         is_template = True  # drawn by Gradio's own Chatbot front end
 
         def postprocess(self, value):
-            messages = [{**m, "content": _map_text(m["content"], to_display)} if isinstance(m, dict) else m
-                        for m in value or []]
+            messages = [
+                {**m, "content": _map_text(m["content"], to_display)} if isinstance(m, dict) else m for m in value or []
+            ]
             return super().postprocess(messages)
 
         def preprocess(self, payload):
@@ -132,9 +117,7 @@ def plain_text_style() -> gr.HTML:
 def model_choices(services) -> list[tuple[str, str]]:
     """The models as the Models tab lists them (checkpoints folded away), plus the one last loaded from the
     Models tab when the list lacks it (a checkpoint), so a refresh never drops the model being talked to."""
-    from .models import listed_models, model_label
-
-    choices = [(model_label(row), row["id"]) for row, _ in listed_models(services)]
+    choices = model_options(services)
     loaded = services.store.get_setting(LOADED_MODEL)
     row = services.store.get_model(loaded) if loaded and loaded not in {model_id for _, model_id in choices} else None
     return choices + [(model_label(row), row["id"])] if row else choices
@@ -159,7 +142,9 @@ def _parts(content: Any) -> tuple[str, list[str]]:
     if isinstance(content, dict):
         if "path" in content or "file" in content:
             return "", [str((content.get("file") or content)["path"])]
-        return str(content.get("text", "")), [str(f if isinstance(f, str) else f["path"]) for f in content.get("files", [])]
+        return str(content.get("text", "")), [
+            str(f if isinstance(f, str) else f["path"]) for f in content.get("files", [])
+        ]
     text, files = [], []
     for part in content or []:
         part_text, part_files = _parts(part)
@@ -168,24 +153,37 @@ def _parts(content: Any) -> tuple[str, list[str]]:
     return "".join(text), files
 
 
-def build_prompt(tokenizer, model, system: str, history: list[dict]) -> tuple[list[int], list[Any]]:
-    """Token ids (ending with the assistant prompt) and preprocessed images for the conversation."""
-    messages, images = ([{"role": "system", "content": system}] if system.strip() else []), []
+def build_prompt(
+    tokenizer, model, system: str, history: list[dict], max_new_tokens: int
+) -> tuple[list[int], list[Any]]:
+    """Token ids (ending with the assistant prompt) and preprocessed images for the conversation, its oldest
+    turns dropped when it does not fit the model's context with room for `max_new_tokens`."""
+    from apertis_core.chat_prompt import chat_prompt, with_images
+
+    messages: list[dict[str, str]] = []
+    images: list[list[Any]] = []  # per message, as chat_prompt takes them
     for message in history:
         text, files = _parts(message.get("content"))
         if files and model.config.image_encoder == "none":
-            raise ValueError("this model cannot see images (it has no image encoder); send text only or pick an image model")
+            raise ValueError(
+                "this model cannot see images (it has no image encoder); send text only or pick an image model"
+            )
         if files:
             from apertis_core.vision import preprocess_image
 
-            images += [preprocess_image(f, model.config.image_patch_size, model.config.image_max_patches) for f in files]
-            text = "<image>\n" * len(files) + text  # as the data formats place them
+            pictures = [
+                preprocess_image(f, model.config.image_patch_size, model.config.image_max_patches) for f in files
+            ]
+            text = with_images(text, len(files))
+        else:
+            pictures = []
         if messages and messages[-1]["role"] == message["role"]:
             messages[-1]["content"] += text  # an image and its question arrive as two Gradio messages
+            images[-1] += pictures
         else:
             messages.append({"role": message["role"], "content": text})
-    ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-    return model.expand_image_tokens(ids, images), images
+            images.append(pictures)
+    return chat_prompt(model, tokenizer, messages, images, system, max_new_tokens)
 
 
 def _user_turn(message: Any) -> list[dict[str, Any]]:
@@ -205,17 +203,23 @@ def chat(services, message, history, model_id, system, temperature, top_k, top_p
     from apertis_core.tokenizer import StreamDecoder
 
     try:
-        model, tokenizer = services.models.get(row["path"])
+        model, tokenizer = services.model_cache.get(row["path"])
     except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a refused bundle; a broken torch install too
         yield history, f"Cannot load {row['name']}: {exc}"
         return
     try:
-        ids, images = build_prompt(tokenizer, model, system or "", history)
+        ids, images = build_prompt(tokenizer, model, system or "", history, int(max_new))
     except (OSError, ValueError, RuntimeError) as exc:
         yield history, f"Cannot answer: {exc}"
         return
-    config = GenerationConfig(max_new_tokens=int(max_new), temperature=float(temperature), top_k=int(top_k),
-                              top_p=float(top_p), repetition_penalty=float(penalty), stop_ids=[tokenizer.eot_id])
+    config = GenerationConfig(
+        max_new_tokens=int(max_new),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        repetition_penalty=float(penalty),
+        stop_ids=[tokenizer.eot_id],
+    )
     decoder, reply, count = StreamDecoder(tokenizer), {"role": "assistant", "content": ""}, 0
     history.append(reply)
     start, first = time.perf_counter(), None
@@ -256,14 +260,18 @@ def load_conversation(path: str | None) -> tuple[Any, Any, str]:
     """(conversation, system prompt, note) from a file written by Save."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"] if m["role"] in ("user", "assistant")]
+        messages = [
+            {"role": m["role"], "content": m["content"]} for m in data["messages"] if m["role"] in ("user", "assistant")
+        ]
         return messages, str(data.get("system", "")), f"Loaded {len(messages)} messages."
     except (OSError, TypeError, ValueError, KeyError) as exc:
         return gr.skip(), gr.skip(), f"Not a saved conversation ({exc}); choose a .json file saved from this tab."
 
 
-HELP = ("Talk to a model: pick it, type, press Enter. Attach a picture with the clip to ask about it (image "
-        "models only). Tick Side by side to ask two models the same thing.")
+HELP = (
+    "Talk to a model: pick it, type, press Enter. Attach a picture with the clip to ask about it (image "
+    "models only). Tick Side by side to ask two models the same thing."
+)
 
 
 def build(services) -> dict[str, Any]:
@@ -271,30 +279,50 @@ def build(services) -> dict[str, Any]:
     choices = model_choices(services)
     ids = [model_id for _, model_id in choices]
     with gr.Row():
-        model = gr.Dropdown(label="Model", choices=choices, value=ids[0] if ids else None, scale=3,
-                            allow_custom_value=True)
+        model = gr.Dropdown(
+            label="Model", choices=choices, value=ids[0] if ids else None, scale=3, allow_custom_value=True
+        )
         compare = gr.Checkbox(label="Side by side", value=False, info="answer with a second model too")
         # A different model by default: comparing a model with itself is rarely what was meant.
-        model_b = gr.Dropdown(label="Second model", choices=choices, value=ids[1] if len(ids) > 1 else None, scale=3,
-                              allow_custom_value=True, visible=False)
+        model_b = gr.Dropdown(
+            label="Second model",
+            choices=choices,
+            value=ids[1] if len(ids) > 1 else None,
+            scale=3,
+            allow_custom_value=True,
+            visible=False,
+        )
     system = gr.Textbox(label="System prompt", placeholder="optional, e.g. You answer in one word.")
     with gr.Row():
         chatbot = plain_chatbot(label="Conversation", height=420)
         chatbot_b = plain_chatbot(label="Second model's conversation", height=420, visible=False)
-    box = gr.MultimodalTextbox(label="Your message", placeholder="Ask something; attach an image with the clip",
-                               file_types=["image"], stop_btn=True)
+    box = gr.MultimodalTextbox(
+        label="Your message",
+        placeholder="Ask something; attach an image with the clip",
+        file_types=["image"],
+        stop_btn=True,
+    )
     with gr.Row():
         speed, speed_b = gr.Markdown(), gr.Markdown(visible=False)
     with gr.Accordion("Sampling", open=False), gr.Row():
         sampling = [gr.Slider(lo, hi, value=v, step=s, label=label) for label, v, lo, hi, s in SAMPLING]
     with gr.Row():
         clear, save = gr.Button("Clear"), gr.Button("Save conversation")
-        saved, load = gr.File(label="Saved", interactive=False), gr.File(label="Load a conversation", file_types=[".json"])
+        saved, load = (
+            gr.File(label="Saved", interactive=False),
+            gr.File(label="Load a conversation", file_types=[".json"]),
+        )
     note = gr.Markdown()
     plain_text_style()  # last: the empty element it needs then leaves no gap between the parts above
-    first = box.submit(partial(chat, services), [box, chatbot, model, system, *sampling], [chatbot, speed], api_name="chat")
-    second = box.submit(partial(chat_compare, services), [compare, box, chatbot_b, model_b, system, *sampling],
-                        [chatbot_b, speed_b], api_visibility="private")
+    first = box.submit(
+        partial(chat, services), [box, chatbot, model, system, *sampling], [chatbot, speed], api_name="chat"
+    )
+    second = box.submit(
+        partial(chat_compare, services),
+        [compare, box, chatbot_b, model_b, system, *sampling],
+        [chatbot_b, speed_b],
+        api_visibility="private",
+    )
     box.submit(lambda: gr.MultimodalTextbox(value=None), None, box, api_visibility="private", queue=False)
     box.stop(None, None, None, cancels=[first, second])
     compare.change(show_second_model, compare, [model_b, chatbot_b, speed_b], api_visibility="private", queue=False)

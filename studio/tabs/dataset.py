@@ -6,7 +6,6 @@ Gradio's temporary upload folder, and the registry keeps the validation summary 
 
 from __future__ import annotations
 
-import random
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -22,8 +21,10 @@ PREVIEW_ROWS = 20
 GALLERY_IMAGES = 12
 DEMO_SHAPES_SCENES = 400  # enough for a few minutes of CPU training, written in about a second
 
-HELP = ("Add what your model should learn from (files, a folder, a .zip or demo data), then train on it in the Train "
-        "tab. Each dataset is checked as it is added: the report lists every problem with its file and line.")
+HELP = (
+    "Add what your model should learn from (files, a folder, a .zip or demo data), then train on it in the Train "
+    "tab. Each dataset is checked as it is added: the report lists every problem with its file and line."
+)
 
 
 @dataclass(frozen=True)
@@ -118,23 +119,6 @@ def upload_dataset(services, files: list[str] | None, name: str | None) -> tuple
     return report, dataset_id
 
 
-def write_demo_text(path: Path, lines: int = 3000, seed: int = 0) -> Path:
-    """A small English-like corpus made from templates: deterministic, license-free, quick to learn."""
-    rng = random.Random(seed)
-    who = ["the cat", "a small robot", "my sister", "the old sailor", "a curious fox", "the teacher"]
-    did = ["found", "painted", "carried", "lost", "counted", "described"]
-    what = ["a red box", "three blue stones", "the map", "a green kite", "two yellow apples", "the key"]
-    where = ["near the river", "in the garden", "on the hill", "under the bridge", "at the market"]
-    when = ["in the morning", "after lunch", "at night", "before the rain"]
-    text = []
-    for _ in range(lines):
-        sentence = f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(where)} {rng.choice(when)}."
-        text.append(sentence[0].upper() + sentence[1:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text) + "\n", encoding="utf-8")
-    return path
-
-
 def add_demo(services, kind: str) -> tuple[str, str]:
     """API `add_demo_data`: kind 'shapes' (image Q&A) or 'text' -> (report, the new dataset's id)."""
     folder = services.store.datasets_dir / new_id("demo")
@@ -145,6 +129,8 @@ def add_demo(services, kind: str) -> tuple[str, str]:
             generate_shapes(folder, n=DEMO_SHAPES_SCENES, questions_per_kind=3)
             dataset_id, report = register(services, "demo: shapes Q&A", folder / "train.jsonl")
         elif kind == "text":
+            from apertis_core.data.demo_text import write_demo_text
+
             dataset_id, report = register(services, "demo: text sample", write_demo_text(folder / "sample.txt"))
         else:
             return f"Unknown demo {kind!r}; choose 'shapes' or 'text'.", ""
@@ -223,14 +209,18 @@ def build(services) -> dict[str, Any]:
     pick = partial(select_dataset, services)
     inspect_outputs = [report, preview, gallery, histogram]
     add.click(partial(upload_dataset, services), [files, name], [report, new_id_box], api_name="upload_dataset").then(
-        pick, new_id_box, choice, api_visibility="private")
-    folder.upload(partial(upload_dataset, services), [folder, name], [report, new_id_box], api_visibility="private").then(
-        pick, new_id_box, choice, api_visibility="private")
+        pick, new_id_box, choice, api_visibility="private"
+    )
+    folder.upload(
+        partial(upload_dataset, services), [folder, name], [report, new_id_box], api_visibility="private"
+    ).then(pick, new_id_box, choice, api_visibility="private")
     for button, kind in ((demo_shapes, "shapes"), (demo_text, "text")):
         button.click(lambda k=kind: k, None, demo_kind, api_visibility="private").then(
-            partial(add_demo, services), demo_kind, [report, new_id_box], api_visibility="private").then(
-            pick, new_id_box, choice, api_visibility="private")
-    gr.Button(visible=False).click(partial(add_demo, services), demo_kind, [report, new_id_box], api_name="add_demo_data")
+            partial(add_demo, services), demo_kind, [report, new_id_box], api_visibility="private"
+        ).then(pick, new_id_box, choice, api_visibility="private")
+    gr.Button(visible=False).click(
+        partial(add_demo, services), demo_kind, [report, new_id_box], api_name="add_demo_data"
+    )
     choice.change(partial(inspect_dataset, services), choice, inspect_outputs, api_visibility="private")
     tok_btn.click(partial(train_tokenizer, services), [choice, vocab], tok_out, api_name="train_tokenizer")
     refresh = lambda: gr.Dropdown(choices=dataset_choices(services))  # noqa: E731 - keeps the current pick

@@ -15,13 +15,10 @@ import gradio as gr
 import yaml
 
 from ..charts import CHARTS, all_figures, sample_timeline
+from ..listings import run_options
+from ..run_config import flatten
 
 CHART_NAMES = [*CHARTS, "experts"]
-
-
-def run_options(services) -> list[tuple[str, str]]:
-    """(label, run id) for the pickers; the label carries the run's state word from run_states."""
-    return [(f"{r['name']} · {r['status']}", r["id"]) for r in services.store.list_runs()]
 
 
 PICKERS = 4  # the dropdowns that list runs: the overlay, run A, run B and the CSV run
@@ -60,22 +57,12 @@ def metrics_view(services, run_ids: list[str] | str | None, last: list[list[Any]
     return (*[figures[name] for name in CHART_NAMES], sample_timeline(first), signature)
 
 
-def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_diff(services, run_a: str | None, run_b: str | None) -> list[list[str]]:
     """[setting, value in A, value in B] for every setting that differs (out_dir excluded)."""
     a, b = (services.store.get_run(r) if r else None for r in (run_a, run_b))
     if a is None or b is None:
         return [["pick two runs to compare", "", ""]]
-    flat_a, flat_b = (_flat(yaml.safe_load(run["config"]) or {}) for run in (a, b))
+    flat_a, flat_b = (flatten(yaml.safe_load(run["config"]) or {}, ".") for run in (a, b))
     keys = sorted((set(flat_a) | set(flat_b)) - {"out_dir"})
     rows = [[k, str(flat_a.get(k, "—")), str(flat_b.get(k, "—"))] for k in keys if flat_a.get(k) != flat_b.get(k)]
     return rows or [["the two configs are identical", "", ""]]
@@ -94,15 +81,21 @@ def metrics_csv(services, run_id: str | None) -> str | None:
     return str(path)
 
 
-HELP = ("Follow your runs as they train: loss, learning rate, speed and sample text, updated live. Pick several "
-        "runs to compare their curves; the configs and a CSV of every value are in the last section.")
+HELP = (
+    "Follow your runs as they train: loss, learning rate, speed and sample text, updated live. Pick several "
+    "runs to compare their curves; the configs and a CSV of every value are in the last section."
+)
 
 
 def build(services, timer_s: float) -> dict[str, Any]:
     gr.Markdown(HELP)
     choices = run_options(services)
-    runs = gr.Dropdown(label="Runs (choose several to overlay)", choices=choices, multiselect=True,
-                       value=[choices[0][1]] if choices else [])
+    runs = gr.Dropdown(
+        label="Runs (choose several to overlay)",
+        choices=choices,
+        multiselect=True,
+        value=[choices[0][1]] if choices else [],
+    )
     last = gr.State(None)
     shown_options = gr.State(choices)
     plots = {}
@@ -126,8 +119,13 @@ def build(services, timer_s: float) -> dict[str, Any]:
     outputs = [*(plots[name] for name in CHART_NAMES), samples, last]
     runs.change(partial(metrics_view, services), runs, outputs, api_name="metrics")
     pickers = [runs, run_a, run_b, csv_run]
-    gr.Timer(timer_s).tick(partial(tick, services), [runs, last, shown_options], [*outputs, *pickers, shown_options],
-                           api_visibility="private", show_progress="hidden")
+    gr.Timer(timer_s).tick(
+        partial(tick, services),
+        [runs, last, shown_options],
+        [*outputs, *pickers, shown_options],
+        api_visibility="private",
+        show_progress="hidden",
+    )
     for picker in (run_a, run_b):
         picker.change(partial(config_diff, services), [run_a, run_b], diff, api_visibility="private")
     csv_btn.click(partial(metrics_csv, services), csv_run, csv_file, api_name="metrics_csv")

@@ -19,10 +19,12 @@ from typing import Any
 
 import gradio as gr
 
+from apertis_core.filenames import BUNDLE_FILES
+
 from ..jobs import PACKAGE_PARENT
+from ..listings import kind_label, listed_models, model_options, step_of
 from ..store import new_id
 
-BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 TABLE_HEADERS = ["model", "kind", "created", "id"]
 SHOW_CHECKPOINTS = "models.show_checkpoints"  # the toggle, kept in the workspace's settings across restarts
 NO_MODEL = "Pick a model to see its card."
@@ -41,7 +43,9 @@ def register_bundled_models(services) -> None:
     assets = PACKAGE_PARENT / "assets"
     for folder in sorted(p for p in assets.glob("**/") if _is_model_folder(p)) if assets.is_dir() else []:
         card = folder / "README.md"
-        services.store.add_model(f"demo: {folder.name}", folder, kind="demo", card=card.read_text(encoding="utf-8") if card.exists() else "")
+        services.store.add_model(
+            f"demo: {folder.name}", folder, kind="demo", card=card.read_text(encoding="utf-8") if card.exists() else ""
+        )
 
 
 def sync_checkpoints(services) -> None:
@@ -51,80 +55,41 @@ def sync_checkpoints(services) -> None:
     for run in services.store.list_runs():
         for path in list_checkpoints(run["out_dir"]) if Path(run["out_dir"]).is_dir() else []:
             if _is_model_folder(Path(path)):
-                name = f"{run['name']} · step {_step_of(Path(path))}"
+                name = f"{run['name']} · step {step_of(Path(path))}"
                 services.store.add_model(name, path, kind="checkpoint", run_id=run["id"])
     for row in services.store.list_models():
         if not Path(row["path"]).is_dir():
             services.store.delete_model(row["id"])
 
 
-def _step_of(folder: Path) -> int:
-    """The step of a checkpoints/step_NNNNNNN folder (0 for any other name)."""
-    digits = folder.name.removeprefix("step_")
-    return int(digits) if digits.isdigit() else 0
-
-
 # -- the list ---------------------------------------------------------------------------------------
-
-def listed_models(services, show_checkpoints: bool = False) -> list[tuple[dict[str, Any], bool]]:
-    """(model row, folded) in the order the tab lists them, newest first: every trained, imported and demo
-    model, followed by its run's checkpoints (folded) when `show_checkpoints`. A run with no final model yet
-    (stopped, failed, still training) is listed by its newest checkpoint, so it never disappears."""
-    rows = services.store.list_models()
-    checkpoints: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["kind"] == "checkpoint":
-            checkpoints.setdefault(row["run_id"], []).append(row)
-    for group in checkpoints.values():
-        group.sort(key=lambda row: _step_of(Path(row["path"])), reverse=True)
-    runs_with_model = {row["run_id"] for row in rows if row["kind"] != "checkpoint" and row["run_id"]}
-    listed, runs_done = [], set()
-    for row in rows:
-        run_id = row["run_id"]
-        if row["kind"] != "checkpoint":
-            listed.append((row, False))
-            folded = checkpoints.get(run_id, []) if run_id else []
-        elif run_id in runs_with_model or run_id in runs_done:
-            continue  # listed under its run's model
-        else:
-            newest, *folded = checkpoints[run_id]
-            listed.append((newest, False))
-        runs_done.add(run_id)
-        if show_checkpoints:
-            listed += [(checkpoint, True) for checkpoint in folded]
-    return listed
-
-
-def kind_label(row: dict[str, Any]) -> str:
-    if row["kind"] == "bundle":
-        return "trained" if row["run_id"] else "imported"
-    return row["kind"]  # demo, checkpoint
-
-
-def model_label(row: dict[str, Any], folded: bool = False) -> str:
-    """How a model is named in lists: a checkpoint folded under its run is indented with an arrow."""
-    return f"{'↳ ' if folded else ''}{row['name']} · {kind_label(row)}"
 
 
 def _show_checkpoints(services) -> bool:
     return bool(services.store.get_setting(SHOW_CHECKPOINTS, False))
 
 
-def models_table(services, sync: bool = True, show_checkpoints: bool | None = None) -> list[list[Any]]:
-    if sync:
-        sync_checkpoints(services)
+def models_table(services, show_checkpoints: bool | None = None) -> list[list[Any]]:
+    """The table's rows as the registry holds them (reads only: sync_checkpoints brings it up to date)."""
     show = _show_checkpoints(services) if show_checkpoints is None else show_checkpoints
-    return [[('↳ ' if folded else '') + row["name"], kind_label(row),
-             time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"])), row["id"]]
-            for row, folded in listed_models(services, show)]
+    return [
+        [
+            ("↳ " if folded else "") + row["name"],
+            kind_label(row),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"])),
+            row["id"],
+        ]
+        for row, folded in listed_models(services, show)
+    ]
 
 
 def _options(services, show_checkpoints: bool | None = None) -> list[tuple[str, str]]:
-    show = _show_checkpoints(services) if show_checkpoints is None else show_checkpoints
-    return [(model_label(row, folded), row["id"]) for row, folded in listed_models(services, show)]
+    return model_options(services, _show_checkpoints(services) if show_checkpoints is None else show_checkpoints)
 
 
 def _listing(services) -> tuple[list[list[Any]], gr.Dropdown]:
+    """The list as on disk: checkpoints the trainer wrote or pruned since the last look are registered first."""
+    sync_checkpoints(services)
     return models_table(services), gr.Dropdown(choices=_options(services))
 
 
@@ -139,10 +104,11 @@ def toggle_checkpoints(services, show: bool, selected: str | None) -> tuple[list
     options = _options(services, bool(show))
     ids = [model_id for _, model_id in options]
     value = selected if selected in ids else (ids[0] if ids else None)
-    return models_table(services, sync=False, show_checkpoints=bool(show)), gr.Dropdown(choices=options, value=value)
+    return models_table(services, show_checkpoints=bool(show)), gr.Dropdown(choices=options, value=value)
 
 
 # -- the card ---------------------------------------------------------------------------------------
+
 
 def show_card(services, model_id: str | None) -> str:
     """The selected model's card: a trained model's is titled with its run's name and names its dataset;
@@ -220,18 +186,23 @@ def _checkpoint_facts(services, row: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
-    facts = {"step": _step_of(Path(row["path"]))}
+    facts = {"step": step_of(Path(row["path"]))}
     if meta.get("total_steps"):
         facts["step"] = f"{facts['step']} of {meta['total_steps']}"
-    facts |= {key.replace("_", " "): value for key, value in meta.items()
-              if key in ("tokens_seen", "train_loss", "val_loss") and value is not None}
+    facts |= {
+        key.replace("_", " "): value
+        for key, value in meta.items()
+        if key in ("tokens_seen", "train_loss", "val_loss") and value is not None
+    }
     return facts | _dataset_rows(services, row)
 
 
 def _checkpoint_card(services, row: dict[str, Any]) -> str:
-    run, step = _run_name(services, row), _step_of(Path(row["path"]))
-    rows = "\n".join(f"| {key} | {f'{value:.4f}' if isinstance(value, float) else value} |"
-                     for key, value in _checkpoint_facts(services, row).items())
+    run, step = _run_name(services, row), step_of(Path(row["path"]))
+    rows = "\n".join(
+        f"| {key} | {f'{value:.4f}' if isinstance(value, float) else value} |"
+        for key, value in _checkpoint_facts(services, row).items()
+    )
     return hide_paths(
         f"# {run} · step {step}\n\nA checkpoint: the model as it was at step {step} of the run **{run}**, saved so "
         "training can resume. Load it into Chat to try it, or export it as a model of its own.\n\n"
@@ -240,6 +211,7 @@ def _checkpoint_card(services, row: dict[str, Any]) -> str:
 
 
 # -- export, import, delete -------------------------------------------------------------------------
+
 
 def export_zip(services, model_id: str | None) -> str | None:
     """A zip of the bundle with the card the tab shows (a checkpoint is saved as a clean bundle first: no
@@ -266,7 +238,7 @@ def export_zip(services, model_id: str | None) -> str | None:
 def _checkpoint_bundle(services, row: dict[str, Any], dest: Path) -> Path:
     from apertis_core.bundle import load_bundle, save_bundle
 
-    run, step = _run_name(services, row), _step_of(Path(row["path"]))
+    run, step = _run_name(services, row), step_of(Path(row["path"]))
     model, tokenizer = load_bundle(row["path"])
     facts = {**_checkpoint_facts(services, row), "exported from": f"checkpoint step {step} of {run}"}
     return save_bundle(dest, model, tokenizer, facts, title=f"{run} · step {step}")
@@ -300,8 +272,12 @@ def import_bundle(services, upload: str | None) -> tuple[str, list[list[Any]], g
         shutil.rmtree(dest, ignore_errors=True)  # unpack_bundle writes nothing there unless it succeeds
         return f"Import failed: {import_refusal(name, exc)}", *_listing(services)
     card = dest / "README.md"
-    services.store.add_model(Path(upload).stem, dest, kind="bundle",
-                             card=card.read_text(encoding="utf-8", errors="replace") if card.exists() else "")
+    services.store.add_model(
+        Path(upload).stem,
+        dest,
+        kind="bundle",
+        card=card.read_text(encoding="utf-8", errors="replace") if card.exists() else "",
+    )
     return f"Imported {name}.{left_out_note(left_out)}", *_listing(services)
 
 
@@ -320,8 +296,10 @@ def left_out_note(names: list[str]) -> str:
     if not names:
         return ""
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return (f" Left out {len(names)} file{'s' if len(names) > 1 else ''} a model does not need ({shown}): an import "
-            "keeps model.safetensors, config.json, tokenizer.json, README.md and meta.json, and never pickled files.")
+    return (
+        f" Left out {len(names)} file{'s' if len(names) > 1 else ''} a model does not need ({shown}): an import "
+        "keeps model.safetensors, config.json, tokenizer.json, README.md and meta.json, and never pickled files."
+    )
 
 
 def ask_delete(services, model_id: str | None) -> tuple[str, gr.Button]:
@@ -343,12 +321,18 @@ def delete_model(services, model_id: str | None) -> tuple[str, gr.Button, list[l
     services.store.delete_model(row["id"])
     table, _ = _listing(services)
     options = _options(services)
-    return (f"Deleted {row['name']}.", gr.Button(visible=False), table,
-            gr.Dropdown(choices=options, value=options[0][1] if options else None))  # the card follows
+    return (
+        f"Deleted {row['name']}.",
+        gr.Button(visible=False),
+        table,
+        gr.Dropdown(choices=options, value=options[0][1] if options else None),
+    )  # the card follows
 
 
-HELP = ("Every model you have trained or imported. Pick one to read its card, load it into Chat, export it as a "
-        ".zip to use elsewhere, or import a model folder someone gave you as a .zip.")
+HELP = (
+    "Every model you have trained or imported. Pick one to read its card, load it into Chat, export it as a "
+    ".zip to use elsewhere, or import a model folder someone gave you as a .zip."
+)
 
 
 def build(services) -> dict[str, Any]:
@@ -358,12 +342,12 @@ def build(services) -> dict[str, Any]:
     show = _show_checkpoints(services)
     options = _options(services, show)
     first = options[0][1] if options else None
-    table = gr.Dataframe(headers=TABLE_HEADERS, value=models_table(services, sync=False, show_checkpoints=show),
-                         interactive=False)
+    table = gr.Dataframe(headers=TABLE_HEADERS, value=models_table(services, show_checkpoints=show), interactive=False)
     with gr.Row():
         selected = gr.Dropdown(label="Model", choices=options, value=first, scale=3)
-        checkpoints = gr.Checkbox(label="Show checkpoints", value=show, scale=1,
-                                  info="the snapshots saved during training, under their run")
+        checkpoints = gr.Checkbox(
+            label="Show checkpoints", value=show, scale=1, info="the snapshots saved during training, under their run"
+        )
         to_chat, export = gr.Button("Load into Chat", variant="primary"), gr.Button("Export zip")
         delete = gr.Button("Delete", variant="stop")
     confirm = gr.Button(visible=False, variant="stop")
@@ -376,11 +360,18 @@ def build(services) -> dict[str, Any]:
             download = gr.File(label="Exported bundle", interactive=False)
             upload = gr.File(label="Import a bundle (.zip)", file_types=[".zip"])
     selected.change(partial(show_model, services), selected, [card, folder], api_visibility="private")
-    checkpoints.input(partial(toggle_checkpoints, services), [checkpoints, selected], [table, selected],
-                      api_visibility="private")
+    checkpoints.input(
+        partial(toggle_checkpoints, services), [checkpoints, selected], [table, selected], api_visibility="private"
+    )
     export.click(partial(export_zip, services), selected, download, api_name="export_model")
     upload.upload(partial(import_bundle, services), upload, [message, table, selected], api_name="import_model")
     delete.click(partial(ask_delete, services), selected, [message, confirm], api_visibility="private")
-    confirm.click(partial(delete_model, services), selected, [message, confirm, table, selected], api_visibility="private")
-    return {"selected": selected, "to_chat": to_chat, "refresh": partial(refresh, services),
-            "refresh_outputs": [table, selected, checkpoints]}
+    confirm.click(
+        partial(delete_model, services), selected, [message, confirm, table, selected], api_visibility="private"
+    )
+    return {
+        "selected": selected,
+        "to_chat": to_chat,
+        "refresh": partial(refresh, services),
+        "refresh_outputs": [table, selected, checkpoints],
+    }

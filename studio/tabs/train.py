@@ -4,7 +4,7 @@ resume or extend runs; watch progress, the log tail and the queue.
 Plans, Start's refusals and the live ETA are services in studio/run_plan.py; this file lays out the form
 and turns its values into calls to them.
 
-The form becomes a RunConfig mapping (`run_mapping`), so what the studio trains is exactly what
+The form becomes a RunConfig mapping (`studio/run_config.py`), so what the studio trains is exactly what
 `apertis train config.yaml` would train from the YAML it shows.
 """
 
@@ -16,8 +16,11 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from .. import run_plan, run_states
+from apertis_core.model.config import ModelConfig  # the config modules import without torch
+
+from .. import run_config, run_plan, run_states
 from ..jobs import JobError
+from ..listings import run_options
 from ..runfiles import CONFIG_NAME, log_tail
 
 # (name, label, default, kind) of the form fields, in the order the handlers receive them. The defaults
@@ -44,45 +47,15 @@ ADVANCED = [
 FIELDS = [f[0] for f in BASIC + ADVANCED]
 BASIC_DEFAULTS = {f[0]: f[2] for f in BASIC}
 ADVANCED_DEFAULTS = {f[0]: f[2] for f in ADVANCED}
-PROBE_PROMPTS = ["The", "Once upon a time", "What shape is the red object?"]
-HELP = ("Train a model on one of your datasets: pick the dataset and a model size, press **Plan** to see how "
-        "long it will take on this computer, then **Start**. Runs train in the background; follow them below "
-        "or in the Metrics tab.")
-# ModelConfig.presets(), written out: importing apertis_core imports torch, about 2 s of the studio's
-# start-up, and the form needs only the names. tests/test_studio_tabs.py checks the two lists agree.
-PRESETS = ["apertis-nano", "apertis-small", "apertis-base", "apertis-large", "apertis-hybrid-nano",
-           "apertis-hybrid-small", "transformer-nano", "transformer-small"]
-DATA_KEYS = {"seq_len", "vocab_size"}
-
-
-def run_mapping(services, dataset_id: str | None, preset: str, values: dict[str, Any]) -> dict[str, Any]:
-    """The RunConfig mapping for the form, validated by apertis_core (ConfigError says what is wrong)."""
-    from apertis_core.training import RunConfig
-
-    row = services.store.get_dataset(dataset_id) if dataset_id else None
-    if row is None:
-        raise ValueError("pick a dataset (add one in the Dataset tab first)")
-    summary = row.get("summary") or {}
-    model: dict[str, Any] = {"preset": preset}
-    if summary.get("images"):
-        model["image_encoder"] = "vit"  # the data has images: the model needs an encoder to see them
-    data = {"path": row["path"], "seq_len": int(values["seq_len"]), "vocab_size": int(values["vocab_size"]),
-            "tokenizer": summary.get("tokenizer", "")}
-    train = {k: v for k, v in values.items() if k not in DATA_KEYS and k != "extra"}
-    train["max_minutes"] = float(train["max_minutes"] or 0)
-    if train["sample_every"]:
-        train["sample_prompts"] = PROBE_PROMPTS
-    config = RunConfig.from_dict({"model": model, "data": data, "train": train})
-    extra = [line.strip() for line in str(values.get("extra") or "").splitlines() if line.strip()]
-    if extra:
-        config = config.override(extra)
-    mapping = config.to_dict()
-    mapping.pop("out_dir", None)  # the job manager gives every run its own folder
-    return mapping
+HELP = (
+    "Train a model on one of your datasets: pick the dataset and a model size, press **Plan** to see how "
+    "long it will take on this computer, then **Start**. Runs train in the background; follow them below "
+    "or in the Metrics tab."
+)
 
 
 def _form(services, dataset_id, preset, *values) -> dict[str, Any]:
-    return run_mapping(services, dataset_id, preset, dict(zip(FIELDS, values, strict=True)))
+    return run_config.run_mapping(services, dataset_id, preset, dict(zip(FIELDS, values, strict=True)))
 
 
 def show_command(services, dataset_id, preset, *values) -> tuple[str, str]:
@@ -103,10 +76,6 @@ def plan(services, dataset_id, preset, *values) -> str:
     return run_plan.plan_text(services, dataset_id, mapping)
 
 
-def run_choices(services) -> list[tuple[str, str]]:
-    return [(f"{r['name']} · {r['status']}", r["id"]) for r in services.store.list_runs()]
-
-
 def start_run(services, name, dataset_id, preset, *values) -> tuple[str, str]:
     """API `start_run`: queue a run from the form -> (message, run id or "" if not started). It starts at
     once when no other run is training. After the FIELDS values may come one more: True confirms a run
@@ -118,8 +87,11 @@ def start_run(services, name, dataset_id, preset, *values) -> tuple[str, str]:
         check = run_plan.check_start(services, dataset_id, mapping, confirmed_long=confirmed)
         if not check.ok:
             return f"Not started: {check.message}", ""
-        run = services.jobs.submit(name or f"{preset} on {services.store.get_dataset(dataset_id)['name']}",
-                                   yaml.safe_dump(mapping, sort_keys=False), dataset_id)
+        run = services.jobs.submit(
+            name or f"{preset} on {services.store.get_dataset(dataset_id)['name']}",
+            yaml.safe_dump(mapping, sort_keys=False),
+            dataset_id,
+        )
     except (ValueError, JobError, OSError) as exc:
         return f"Not started: {exc}", ""
     return f"{run['name']} ({run['id']}) is {run['status']}; {check.message}.", run["id"]
@@ -137,16 +109,8 @@ def confirm_box(message: str) -> gr.Checkbox:
 
 
 def select_run(services, run_id: str | None) -> gr.Dropdown:
-    choices = run_choices(services)
+    choices = run_options(services)
     return gr.Dropdown(choices=choices, value=run_id) if run_id else gr.Dropdown(choices=choices)
-
-
-def _eta(services, run: dict[str, Any]) -> str:
-    """Time left at the run's own recent pace (the last minute of its steps), not the plan's."""
-    seconds, pace = run_plan.live_eta(services, run)
-    if seconds is None:
-        return ""
-    return f" · {pace:.2f} steps/s · ETA {_duration(seconds)}"
 
 
 def _progress_text(run: dict[str, Any], eta: str) -> str:
@@ -155,12 +119,6 @@ def _progress_text(run: dict[str, Any], eta: str) -> str:
     bar = "█" * round(20 * fraction) + "░" * (20 - round(20 * fraction))
     reason = f"\n\n{run['exit_reason']}" if run["exit_reason"] else ""
     return f"**{run['name']}** — {run['status']}\n\n`{bar}` {step}/{total} steps ({fraction:.0%}){eta}{reason}"
-
-
-def _duration(seconds: float) -> str:
-    from apertis_core.training.planning import format_duration  # a run is training: torch is loaded already
-
-    return format_duration(seconds)
 
 
 def queue_rows(services) -> list[list[Any]]:
@@ -175,7 +133,12 @@ def run_status(services, run_id: str | None) -> tuple[dict[str, Any], str, str, 
         return {}, "No run selected: start one, or pick one from the list.", "", queue_rows(services)
     keys = ("id", "name", "status", "step", "total_steps", "exit_code", "exit_reason", "out_dir")
     status = {key: run[key] for key in keys}
-    return status, _progress_text(run, _eta(services, run)), run["log_tail"] or log_tail(run["out_dir"]), queue_rows(services)
+    return (
+        status,
+        _progress_text(run, run_plan.live_eta_text(services, run)),
+        run["log_tail"] or log_tail(run["out_dir"]),
+        queue_rows(services),
+    )
 
 
 def _act(action, run_id, *args) -> str:
@@ -214,7 +177,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
     gr.Markdown(HELP)
     with gr.Row():
         dataset = gr.Dropdown(label="Dataset", choices=dataset_choices(services), allow_custom_value=True)
-        preset = gr.Dropdown(label="Model size (preset)", choices=PRESETS, value="apertis-nano")
+        preset = gr.Dropdown(label="Model size (preset)", choices=ModelConfig.presets(), value="apertis-nano")
         name = gr.Textbox(label="Run name", placeholder="optional")
     with gr.Row():
         basic = [_field(*f) for f in BASIC]
@@ -229,7 +192,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
     with gr.Accordion("Command and YAML", open=False):
         command, config = gr.Code(label="Command", language="shell"), gr.Code(label="config.yaml", language="yaml")
     with gr.Row():
-        run = gr.Dropdown(label="Run to follow", choices=run_choices(services), scale=3, allow_custom_value=True)
+        run = gr.Dropdown(label="Run to follow", choices=run_options(services), scale=3, allow_custom_value=True)
         stop_btn, resume_btn = gr.Button("Stop", variant="stop"), gr.Button("Resume")
         more_steps = gr.Number(label="More steps (for Train N more)", value=100, precision=0, minimum=1)
         more_btn = gr.Button("Train N more")
@@ -241,22 +204,30 @@ def build(services, timer_s: float) -> dict[str, Any]:
         status = gr.JSON()
 
     plan_btn.click(partial(plan, services), form, plan_out, api_name="plan_run").then(
-        confirm_box, plan_out, confirm, api_visibility="private")
+        confirm_box, plan_out, confirm, api_visibility="private"
+    )
     command_btn.click(partial(show_command, services), form, [command, config], api_visibility="private")
     new_run = gr.Textbox(visible=False)
-    start_btn.click(partial(start_run, services), [name, *form, confirm], [message, new_run], api_name="start_run").then(
-        partial(select_run, services), new_run, run, api_visibility="private").then(
-        confirm_box, message, confirm, api_visibility="private")
+    start_btn.click(
+        partial(start_run, services), [name, *form, confirm], [message, new_run], api_name="start_run"
+    ).then(partial(select_run, services), new_run, run, api_visibility="private").then(
+        confirm_box, message, confirm, api_visibility="private"
+    )
     status_outputs = [status, progress, log, queue]
-    for button, handler, inputs, api in ((stop_btn, stop_run, [run], "stop_run"), (resume_btn, resume_run, [run], "resume_run"),
-                                          (more_btn, train_more, [run, more_steps], "train_more")):
+    for button, handler, inputs, api in (
+        (stop_btn, stop_run, [run], "stop_run"),
+        (resume_btn, resume_run, [run], "resume_run"),
+        (more_btn, train_more, [run, more_steps], "train_more"),
+    ):
         button.click(partial(handler, services), inputs, message, api_name=api).then(
-            partial(select_run, services), run, run, api_visibility="private")
+            partial(select_run, services), run, run, api_visibility="private"
+        )
     run.change(partial(run_status, services), run, status_outputs, api_name="run_status")
-    gr.Timer(timer_s).tick(partial(run_status, services), run, status_outputs, api_visibility="private",
-                           show_progress="hidden")
+    gr.Timer(timer_s).tick(
+        partial(run_status, services), run, status_outputs, api_visibility="private", show_progress="hidden"
+    )
 
     def refresh():
-        return gr.Dropdown(choices=dataset_choices(services)), gr.Dropdown(choices=run_choices(services))
+        return gr.Dropdown(choices=dataset_choices(services)), gr.Dropdown(choices=run_options(services))
 
     return {"run": run, "refresh": refresh, "refresh_outputs": [dataset, run]}
