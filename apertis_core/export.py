@@ -19,7 +19,7 @@ from .bundle import BUNDLE_FILES, MAX_TEXT_BYTES, atomic_directory, card_title, 
 from .fileio import atomic_write_text
 from .model import ApertisModel, ModelConfig
 
-FORMATS = ("apertis", "hf-llama")
+FORMATS = ("apertis", "hf", "hf-llama", "gguf")
 
 
 class ExportError(ValueError):
@@ -53,8 +53,9 @@ def find_model_dir(path: str | Path) -> Path:
     return max(candidates, key=lambda d: (d / "model.safetensors").stat().st_mtime_ns)
 
 
-def export_model(source: str | Path, out: str | Path, format: str = "apertis") -> Path:
-    """Write `source`'s model to the folder `out` in `format` ("apertis" or "hf-llama"); returns `out`."""
+def export_model(source: str | Path, out: str | Path, format: str = "apertis", gguf_type: str = "f16") -> Path:
+    """Write `source`'s model to the folder `out` in `format` ("apertis", "hf" or "hf-llama"); returns `out`.
+    "gguf" writes the single file `out` (llama.cpp; `gguf_type` "f16" or "q8_0"; see gguf_export)."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     model_dir = find_model_dir(source)
@@ -62,8 +63,14 @@ def export_model(source: str | Path, out: str | Path, format: str = "apertis") -
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise ExportError(f"{out}: export to a new folder, not into the source {model_dir}")
     model, tokenizer = load_bundle(model_dir)
+    if format == "gguf":
+        return export_gguf(model, tokenizer, out, gguf_type)
     if format == "hf-llama":
         return export_hf_llama(model, tokenizer, out)
+    if format == "hf":
+        from .hf_export import export_hf
+
+        return export_hf(model, tokenizer, out)
     save_bundle(out, model, tokenizer, card=_card_facts(model_dir))
     return out
 
@@ -222,6 +229,27 @@ def export_hf_llama(model: ApertisModel, tokenizer: Any, out: str | Path) -> Pat
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
         atomic_write_text(tmp / "README.md", _llama_card(model, Path(out).name))
     return Path(out)
+
+
+def export_gguf(model: ApertisModel, tokenizer: Any, out: str | Path, gguf_type: str = "f16") -> Path:
+    """Write the GGUF file `out` (llama.cpp, Ollama...; f16 or q8_0; see gguf_export), or raise ExportError."""
+    from .gguf_export import GGUFExportError, write_gguf  # imports the optional `gguf` package lazily
+
+    cfg = model.config
+    problems = llama_incompatibilities(cfg)
+    if problems:
+        raise ExportError(
+            f"cannot export preset {cfg.preset!r} as GGUF: GGUF runners (llama.cpp, Ollama...) implement only "
+            f"known architectures, and this model is not a Llama ({'; '.join(problems)}). "
+            "Export it with --format apertis, or train a transformer-* preset for GGUF export."
+        )
+    description = (
+        f"Apertis Studio {cfg.preset} ({model.num_parameters():,} parameters, {cfg.n_layers} layers x {cfg.d_model})"
+    )
+    try:
+        return write_gguf(cfg, llama_state_dict(model), tokenizer, out, gguf_type, chat_template(), description)
+    except GGUFExportError as error:
+        raise ExportError(str(error)) from error
 
 
 def _llama_card(model: ApertisModel, name: str) -> str:

@@ -11,14 +11,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a self-contained model bundle",
         description=(
             "Export a model. PATH may be a checkpoint folder, a run folder (its newest checkpoint or final "
-            "bundle is used) or a bundle. --format hf-llama writes a Hugging Face LlamaForCausalLM folder "
-            "(transformer-* presets only)."
+            "bundle is used) or a bundle. --format hf writes a Hugging Face transformers folder for any preset "
+            "(AutoModelForCausalLM with trust_remote_code=True; needs apertis-studio and transformers where it is "
+            "loaded). --format hf-llama writes a Hugging Face LlamaForCausalLM folder "
+            "(transformer-* presets only). --format gguf writes one llama.cpp GGUF file (transformer-* presets "
+            "only; needs `pip install gguf`), f16 or --gguf-type q8_0."
         ),
     )
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint, run or bundle folder")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (replaced if it exists)")
     parser.add_argument(
-        "--format", default="apertis", choices=("apertis", "hf-llama"), help="bundle format (default apertis)"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the folder (a .gguf file for --format gguf) to write; replaced if it exists",
+    )
+    parser.add_argument(
+        "--format",
+        default="apertis",
+        choices=("apertis", "hf", "hf-llama", "gguf"),
+        help="bundle format (default apertis)",
+    )
+    parser.add_argument(
+        "--gguf-type",
+        default="f16",
+        choices=("f16", "q8_0"),
+        help="GGUF weight type (default f16; q8_0 is ~half the size)",
     )
     parser.set_defaults(run=run)
 
@@ -27,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_model, find_model_dir
 
     source = find_model_dir(args.checkpoint)
-    out = export_model(source, args.out, args.format)
-    print(f"exported {source} -> {out} ({args.format} format)")
+    out = export_model(source, args.out, args.format, gguf_type=args.gguf_type)
+    kind = f"gguf {args.gguf_type}" if args.format == "gguf" else args.format
+    print(f"exported {source} -> {out} ({kind} format)")
     return 0

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from . import bench, chat, data, export, generate, train
+from . import bench, chat, data, export, generate, import_cmd, train
 
-COMMANDS = (train, generate, chat, export, data, bench)
+COMMANDS = (train, generate, chat, export, import_cmd, data, bench)
 
 # Exit codes: 0 success, 1 failed run or problems found (data validate), 2 bad input, 130 interrupted.
 EXIT_FAILED = 1

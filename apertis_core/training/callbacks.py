@@ -1,4 +1,5 @@
-"""How the trainer reports: a tiny Callback interface, a JSONL metrics sink, a tqdm progress bar.
+"""How the trainer reports: a tiny Callback interface, a JSONL metrics sink, an optional TensorBoard sink,
+a tqdm progress bar.
 
 Callbacks receive a narrow `TrainState` (numbers and paths), never the trainer, so a sink cannot reach into
 the optimizer or the model. The base class does nothing, so it doubles as the null sink.
@@ -7,6 +8,7 @@ the optimizer or the model. The base class does nothing, so it doubles as the nu
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_text
+
+TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: event files go to <run dir>/tensorboard
 
 
 @dataclass
@@ -113,6 +117,53 @@ class JsonlLogger(Callback):
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class TensorBoardLogger(Callback):
+    """Writes every numeric value of each record as a TensorBoard scalar (tag = the record key) into a folder,
+    beside metrics.jsonl; lists, strings and other non-numbers are skipped. Needs the optional `tensorboard`
+    package: constructing the logger without it raises an ImportError that says how to install it."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir = Path(log_dir)
+        self._writer_class = _summary_writer_class()  # fail before training starts, not at the first record
+        self._writer = None
+
+    def on_train_start(self, state: TrainState) -> None:
+        # A resumed run repeats the steps after its checkpoint: purge_step drops their old events, as the
+        # JSONL logger drops their old lines.
+        self._open(purge_step=state.step + 1 if state.step > 0 else None)
+
+    def _open(self, purge_step: int | None = None) -> None:
+        if self._writer is None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = self._writer_class(log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self._open()
+        for key, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            self._writer.add_scalar(key, float(value), global_step=step)
+        self._writer.flush()  # TensorBoard reads the files while the run goes on
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:  # torch raises this when the tensorboard package is missing or too old
+        raise ImportError(
+            "train.tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or pip install 'apertis[tensorboard]'), or set train.tensorboard=false"
+        ) from error
+    return SummaryWriter
 
 
 def _record_step(line: str) -> int | None:

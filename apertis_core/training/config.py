@@ -44,6 +44,7 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)  # fixed probe prompts: a timeline of outputs
     sample_tokens: int = 48  # tokens generated per sample prompt
     rewarm_fraction: float = 0.5  # "train N more": the extension re-warms to this fraction of lr
+    tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (pip install tensorboard)
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,6 +78,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation recipe
     out_dir: str = "runs/run"  # run directory: run.yaml, metrics.jsonl, checkpoints/, final/
     name: str = ""  # what a person calls the run: titles its model card (empty: the run folder's name)
+    # A model bundle whose architecture, tokenizer and weights this run starts from (fine-tuning, e.g. an
+    # imported Llama); `model` and the tokenizer settings are then not used. Empty: a new model from `model`.
+    init_from: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..model import ApertisModel, ModelConfig
 from ..tokenizer import Tokenizer
-from .build import fresh_model_config, image_cache
+from .build import fresh_model_config, image_cache, start_model
 from .config import RunConfig, TrainConfig
 from .hardware import peak_flops, pick_device
 from .optim import build_optimizer
@@ -96,16 +96,19 @@ def _measured_setup(run_config: RunConfig, device: torch.device, precision: Prec
     records, _ = load_dataset(run_config.data.path)
     part, share = leading_part(records, max_chars)
     started = time.perf_counter()
-    if run_config.data.tokenizer:
+    base = start_model(run_config)
+    if base:
+        tokenizer = base[1]
+    elif run_config.data.tokenizer:
         tokenizer = Tokenizer.load(run_config.data.tokenizer)
     else:
         tokenizer = Tokenizer.train(corpus_texts(part), run_config.data.vocab_size)
-    model_config = fresh_model_config(run_config.model, tokenizer)
+    model_config = base[0].config if base else fresh_model_config(run_config.model, tokenizer)
     images = image_cache(model_config, run_config.data.image_augment)
     train_data, val_data = build_datasets(part, tokenizer, run_config.data, images.file_tokens if images else None)
     unread_s = (time.perf_counter() - started) * (1 / share - 1)  # tokenizer and windows grow with the data
     val_batches = math.ceil(len(val_data) / share / cfg.batch_size)
-    model = ApertisModel(model_config).to(device)
+    model = (base[0] if base else ApertisModel(model_config)).to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, device)
     loader = BatchLoader(train_data, cfg.batch_size, seed=cfg.seed)
     peak_flops(device, precision.dtype)  # the trainer measures it before its first step (once per process)

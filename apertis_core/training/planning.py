@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..model import ApertisModel
-from .config import RunConfig, TrainConfig, planned_vocab_size
+from .build import planned_model_config
+from .config import RunConfig, TrainConfig
 from .hardware import pick_device
 from .measure import Measurement, measure_run
 from .precision import Precision, resolve_precision
@@ -95,7 +96,7 @@ def plan_run(
     cfg = run_config.train
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model_config = run_config.model.replace(vocab_size=planned_vocab_size(run_config))
+    model_config = planned_model_config(run_config)
     seq_len = run_config.data.seq_len
     with torch.device("meta"):  # counts and FLOPs need shapes only, not memory
         model = ApertisModel(model_config)

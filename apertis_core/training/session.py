@@ -21,7 +21,7 @@ from ..configio import ConfigError
 from ..data import BatchLoader, TokenDataset, build_datasets, corpus_texts, load_dataset
 from ..model import ApertisModel, ModelConfig
 from ..tokenizer import Tokenizer
-from .build import fresh_model_config, image_cache
+from .build import fresh_model_config, image_cache, start_model
 from .checkpoint import latest_checkpoint, load_trainer_state, resolve_checkpoint
 from .config import RunConfig
 from .distributed import DistContext, wrap_model
@@ -69,16 +69,18 @@ def open_session(
     if checkpoint is None and latest_checkpoint(run.out_dir) is not None:
         raise ConfigError(f"{run.out_dir} already holds checkpoints of another run; resume it or choose a new out_dir")
     records, report = load_dataset(run.data.path)
-    tokenizer = _tokenizer(run, ctx, records, checkpoint)
-    model_config = (
-        read_model_config(checkpoint / "config.json") if checkpoint else fresh_model_config(run.model, tokenizer)
-    )
+    base = None if checkpoint else start_model(run)  # a resumed run's weights come from its checkpoint
+    tokenizer = base[1] if base else _tokenizer(run, ctx, records, checkpoint)
+    if checkpoint:
+        model_config = read_model_config(checkpoint / "config.json")
+    else:
+        model_config = base[0].config if base else fresh_model_config(run.model, tokenizer)
     _check_images(report.stats["images"], model_config)
     images = image_cache(model_config, run.data.image_augment)
     image_tokens = images.file_tokens if images else None
     train_data, val_data = build_datasets(records, tokenizer, run.data, image_tokens)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = ApertisModel(model_config).to(ctx.device)
+    model = (base[0] if base else ApertisModel(model_config)).to(ctx.device)
     if checkpoint:
         load_weights(checkpoint / "model.safetensors", model)
     elif model.vision is not None and model_config.image_pretrained:

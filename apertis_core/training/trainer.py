@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..bundle import save_bundle
 from ..filenames import FINAL_DIR, STOP_FILE
 from ..generation import GenerationConfig, generate
-from .callbacks import Callback, CallbackList, JsonlLogger, TrainState
+from .callbacks import TENSORBOARD_DIR, Callback, CallbackList, JsonlLogger, TensorBoardLogger, TrainState
 from .checkpoint import checkpoint_dir, mark_best_if_better, prune_checkpoints, save_checkpoint
 from .config import RunConfig
 from .distributed import init_distributed, shutdown_distributed
@@ -52,9 +52,12 @@ def train(
     with train_threads(run_config.train):  # the same helper times a plan's steps, so plans use these threads
         ctx = init_distributed(pick_device(run_config.train.device))
         try:
+            board = []  # built before the session so a missing tensorboard package fails fast
+            if run_config.train.tensorboard and ctx.is_main:
+                board = [TensorBoardLogger(Path(run_config.out_dir) / TENSORBOARD_DIR)]
             session = open_session(run_config, ctx, started, resume_from, extra_steps)
             metrics = JsonlLogger(Path(run_config.out_dir) / "metrics.jsonl")
-            sinks = CallbackList([metrics, *callbacks]) if ctx.is_main else Callback()  # rank 0 reports for all
+            sinks = CallbackList([metrics, *board, *callbacks]) if ctx.is_main else Callback()  # rank 0 reports
             try:
                 return _Loop(run_config, session, sinks, started).run()
             finally:

@@ -1,5 +1,6 @@
 """Metrics tab: live charts of one or several runs (refreshed by a gr.Timer), the config difference
-between two runs, a CSV download of a run's metrics, and the timeline of sample generations.
+between two runs, a CSV download of a run's metrics, the command that opens a run's TensorBoard files
+(runs with train.tensorboard on), and the timeline of sample generations.
 
 The timer handler first compares a cheap signature (row count and status per run) with the last one it
 drew, and skips redrawing when nothing changed, so an idle tab costs one small query every tick. It also
@@ -9,10 +10,13 @@ renews the run pickers when a run's status word changes, so a label never shows 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import yaml
+
+from apertis_core.training.callbacks import TENSORBOARD_DIR
 
 from ..charts import CHARTS, all_figures, sample_timeline
 from ..listings import run_options
@@ -81,9 +85,24 @@ def metrics_csv(services, run_id: str | None) -> str | None:
     return str(path)
 
 
+def tensorboard_hint(services, run_id: str | None) -> str:
+    """Markdown with the command that opens the run's TensorBoard files, or how to get them."""
+    run = services.store.get_run(run_id) if run_id else None
+    if run is None:
+        return "Pick a run to see how to open it in TensorBoard."
+    folder = Path(run["out_dir"]) / TENSORBOARD_DIR
+    if not folder.is_dir():
+        return (
+            "This run has no TensorBoard files. Runs write them when their config sets "
+            "`train.tensorboard: true` (needs `pip install tensorboard`)."
+        )
+    return f'Open this run in TensorBoard:\n\n```\ntensorboard --logdir "{folder}"\n```'
+
+
 HELP = (
     "Follow your runs as they train: loss, learning rate, speed and sample text, updated live. Pick several "
-    "runs to compare their curves; the configs and a CSV of every value are in the last section."
+    "runs to compare their curves; the configs, a CSV of every value and the TensorBoard command are in the "
+    "last section."
 )
 
 
@@ -108,7 +127,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
         with gr.Row():
             for name in row:
                 plots[name] = gr.Plot(label=name)
-    with gr.Accordion("Compare configs and download", open=False):
+    with gr.Accordion("Compare configs, download, TensorBoard", open=False):
         with gr.Row():
             run_a, run_b = gr.Dropdown(label="Run A", choices=choices), gr.Dropdown(label="Run B", choices=choices)
         diff = gr.Dataframe(headers=["setting", "A", "B"], interactive=False)
@@ -116,6 +135,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
             csv_run = gr.Dropdown(label="Run", choices=choices)
             csv_btn = gr.Button("Metrics as CSV")
             csv_file = gr.File(label="Download")
+        board = gr.Markdown(tensorboard_hint(services, None))
     outputs = [*(plots[name] for name in CHART_NAMES), samples, last]
     runs.change(partial(metrics_view, services), runs, outputs, api_name="metrics")
     pickers = [runs, run_a, run_b, csv_run]
@@ -129,6 +149,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
     for picker in (run_a, run_b):
         picker.change(partial(config_diff, services), [run_a, run_b], diff, api_visibility="private")
     csv_btn.click(partial(metrics_csv, services), csv_run, csv_file, api_name="metrics_csv")
+    csv_run.change(partial(tensorboard_hint, services), csv_run, board, api_visibility="private")
 
     def refresh():
         options = run_options(services)

@@ -263,11 +263,15 @@ def import_bundle(services, upload: str | None) -> tuple[str, list[list[Any]], g
     if not upload:
         return "Choose a bundle .zip first.", *_listing(services)
     from apertis_core.bundle import unpack_bundle
+    from apertis_core.llama_import import import_llama_zip, is_hf_zip
 
     name = Path(upload).name
     dest = services.store.models_dir / new_id("import")
+    # A zip of a Hugging Face Llama folder (config.json with model_type, *.safetensors, tokenizer.json) is
+    # converted into a bundle under the same archive policy; anything else is unpacked as a bundle zip.
+    unpack = import_llama_zip if is_hf_zip(upload) else unpack_bundle
     try:
-        left_out = unpack_bundle(upload, dest, work_dir=services.store.tmp_dir / "imports")
+        left_out = unpack(upload, dest, work_dir=services.store.tmp_dir / "imports")
     except (OSError, ValueError) as exc:  # ArchiveError and BundleError are ValueErrors
         shutil.rmtree(dest, ignore_errors=True)  # unpack_bundle writes nothing there unless it succeeds
         return f"Import failed: {import_refusal(name, exc)}", *_listing(services)
@@ -331,7 +335,8 @@ def delete_model(services, model_id: str | None) -> tuple[str, gr.Button, list[l
 
 HELP = (
     "Every model you have trained or imported. Pick one to read its card, load it into Chat, export it as a "
-    ".zip to use elsewhere, or import a model folder someone gave you as a .zip."
+    ".zip to use elsewhere, or import a model folder someone gave you as a .zip: an Apertis bundle, or a "
+    "Hugging Face Llama folder (config.json, *.safetensors, tokenizer.json), which becomes a bundle."
 )
 
 
