@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from .bundle import BUNDLE_FILES, MAX_TEXT_BYTES, atomic_directory, card_title, load_bundle, save_bundle
+from .bundle import BUNDLE_FILES, MAX_TEXT_BYTES, atomic_directory, load_bundle, save_bundle
 from .fileio import atomic_write_text
 from .model import ApertisModel, ModelConfig
+from .model_card import card_title
 
 FORMATS = ("apertis", "hf", "hf-llama", "gguf")
 

@@ -29,13 +29,13 @@ import torch
 
 from . import sizing
 from .bundle import (
-    IMPORT_POLICY,
     MAX_CONFIG_BYTES,
     MAX_TOKENIZER_BYTES,
     BundleError,
     _read_header,
     save_bundle,
 )
+from .bundle_zip import IMPORT_POLICY
 from .configio import ConfigError
 from .data.archive import check_zip, safe_extract
 from .model import ApertisModel, ModelConfig

@@ -262,7 +262,7 @@ def import_bundle(services, upload: str | None) -> tuple[str, list[list[Any]], g
     free memory, before it is registered. A refused zip leaves nothing in models/."""
     if not upload:
         return "Choose a bundle .zip first.", *_listing(services)
-    from apertis_core.bundle import unpack_bundle
+    from apertis_core.bundle_zip import unpack_bundle
     from apertis_core.llama_import import import_llama_zip, is_hf_zip
 
     name = Path(upload).name
