@@ -105,7 +105,20 @@ def save_weights(path: str | Path, model: nn.Module) -> None:
     state = unwrap_model(model).state_dict()
     canonical = _canonical_names(state)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items() if canonical[name] == name}
-    atomic_write_bytes(path, save(tensors, metadata={"format": "pt", "apertis_format_version": str(FORMAT_VERSION)}))
+    blob = save(tensors, metadata={"format": "pt", "apertis_format_version": str(FORMAT_VERSION)})
+    atomic_write_bytes(path, _sorted_metadata(blob))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """safetensors writes `__metadata__` in a per-process random order (a Rust HashMap); sort it, so the same
+    weights always give the same file bytes. The header keeps its length (same pairs, spaces pad it)."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if len(text) > size:  # cannot happen with the same pairs, but never write a header that lies about its size
+        return blob
+    return blob[:8] + text.ljust(size, b" ") + blob[8 + size :]
 
 
 def load_weights(path: str | Path, model: nn.Module) -> None:

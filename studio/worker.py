@@ -72,8 +72,27 @@ class RegistryCallback(Callback):
     def on_train_start(self, state) -> None:
         # Synchronous on purpose: rows from steps after the checkpoint must go before new ones arrive.
         self.store.drop_metrics_after(self.run_id, state.step)
+        self._backfill(Path(state.out_dir) / "metrics.jsonl", state.step)
         self.store.update_run(self.run_id, step=state.step, total_steps=state.total_steps)
         self._event("train_start", {"step": state.step, "total_steps": state.total_steps})
+
+    def _backfill(self, path: Path, step: int) -> None:
+        """Rows of metrics.jsonl (up to the checkpoint's step; the trainer's logger has just cut the rest) that
+        the registry lacks: a worker killed before its last flush never sent them, and the resume will not
+        train those steps again."""
+        from apertis_core.training import read_metrics
+
+        if not path.exists():
+            return
+        have = {(row["step"], row["key"]) for row in self.store.metrics(self.run_id)}
+        rows = []
+        for record in read_metrics(path):
+            at = int(record.get("step", -1))
+            if 0 <= at <= step:
+                rows += [
+                    (at, k, v) for k, v in flatten(record).items() if k not in ("step", "time") and (at, k) not in have
+                ]
+        self.store.add_metrics(self.run_id, rows)
 
     def on_step_end(self, state) -> None:
         if self._stop_wanted:

@@ -94,3 +94,16 @@ def test_trainer_state_is_never_unpickled(tmp_path, parts, capsys):
     with pytest.raises(BundleError, match="damaged or not a trainer state"):
         ckpt.load_trainer_state(path)
     assert "must never run" not in capsys.readouterr().out
+
+
+def test_unfinished_atomic_writes_are_cleared_and_a_half_swapped_folder_restored(tmp_path):
+    (tmp_path / "checkpoints" / ".step_0000004.tmp-ab12").mkdir(parents=True)  # killed while writing a checkpoint
+    (tmp_path / "checkpoints" / ".best.json.x1y2.tmp").write_text("{")
+    (tmp_path / ".run.yaml.q9.tmp").write_text("model:")
+    (tmp_path / ".final.old-cd34" / "final").mkdir(parents=True)  # killed between the two renames
+    (tmp_path / ".final.old-cd34" / "final" / "config.json").write_text("{}")
+    (tmp_path / "run.yaml").write_text("kept")
+    (tmp_path / ".hidden-notes").write_text("not ours: kept")
+    ckpt.remove_unfinished_writes(tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == [".hidden-notes", "checkpoints", "final", "final/config.json", "run.yaml"]

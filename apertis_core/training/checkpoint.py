@@ -9,6 +9,7 @@ Python values, and is read with `torch.load(weights_only=True)`, which refuses a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise BundleError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run folder with checkpoints/step_*")
     return latest
+
+
+def remove_unfinished_writes(run_dir: str | Path) -> list[Path]:
+    """Delete what a process killed in the middle of an atomic write left in a run folder: `.NAME.XXXX.tmp`
+    files (fileio.atomic_open) and `.NAME.tmp-XXXX` folders (bundle.atomic_directory), in the run folder and
+    checkpoints/. A `.NAME.old-XXXX` folder (killed between atomic_directory's two renames) is put back
+    when NAME is missing. Only the process that owns the run folder may call this (the trainer at start)."""
+    removed = []
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            name = entry.name
+            if not name.startswith("."):
+                continue
+            if entry.is_dir() and ".old-" in name:
+                original = folder / name[1:].rsplit(".old-", 1)[0]
+                if not original.exists() and (entry / original.name).is_dir():
+                    os.replace(entry / original.name, original)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_dir() and ".tmp-" in name:
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file() and name.endswith(".tmp"):
+                entry.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(entry)
+    return removed

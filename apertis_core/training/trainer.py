@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -22,7 +23,13 @@ from ..bundle import save_bundle
 from ..filenames import FINAL_DIR, STOP_FILE
 from ..generation import GenerationConfig, generate
 from .callbacks import TENSORBOARD_DIR, Callback, CallbackList, JsonlLogger, TensorBoardLogger, TrainState
-from .checkpoint import checkpoint_dir, mark_best_if_better, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    checkpoint_dir,
+    mark_best_if_better,
+    prune_checkpoints,
+    remove_unfinished_writes,
+    save_checkpoint,
+)
 from .config import RunConfig
 from .distributed import init_distributed, shutdown_distributed
 from .hardware import peak_flops, pick_device
@@ -126,6 +133,7 @@ class _Loop:
     def _write_run_files(self) -> None:
         session = self.session
         if session.ctx.is_main:
+            remove_unfinished_writes(self.out)  # what a process killed mid-write left
             resolved = dataclasses.replace(self.run_config, model=session.model.config)  # vocab_size from the tokenizer
             resolved.save(self.out / "run.yaml")
             session.tokenizer.save(self.out / "tokenizer.json")
@@ -299,7 +307,14 @@ class _Loop:
 
     def _finish(self) -> str:
         session = self.session
-        self._evaluate()
+        meta = checkpoint_dir(self.out, session.step) / "meta.json"
+        if session.step == session.start_step and meta.is_file():
+            # Resumed from the last step's checkpoint (killed while writing the bundle): that step was evaluated
+            # and recorded before the checkpoint; evaluating again would record val/loss twice.
+            saved = json.loads(meta.read_text(encoding="utf-8"))
+            self.train_loss, self.val_loss = saved.get("train_loss"), saved.get("val_loss")
+        else:
+            self._evaluate()
         if not checkpoint_dir(self.out, session.step).exists():  # "train N more" continues from this checkpoint
             self._save()
         bundle = self.out / FINAL_DIR
