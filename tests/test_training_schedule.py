@@ -45,3 +45,11 @@ def test_schedule_round_trips_through_a_plain_dict():
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="cosine"):
         build_schedule("linear", 1e-3, 0.1, 10, 100, 0.2)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_a_run_shorter_than_its_warmup_still_peaks_midway_and_ends_at_min_lr(kind):
+    schedule = build_schedule(kind, 1e-3, 0.1, warmup_steps=30, total_steps=20, decay_fraction=0.3)
+    rates = [schedule.lr_at(step) for step in range(20)]
+    assert rates.index(max(rates)) == 9 and max(rates) == pytest.approx(1e-3)  # 10 warm-up steps, not 30
+    assert rates[-1] == pytest.approx(1e-4)

@@ -27,7 +27,8 @@ class LRSchedule:
         """Learning rate for the optimizer update that follows `step` completed steps."""
         local = step - self.start_step
         length = max(1, self.total_steps - self.start_step)
-        warmup = min(self.warmup_steps, length)
+        # At most half the segment warms up: a short run (20 steps, 30 warm-up steps) still decays to min_lr.
+        warmup = min(self.warmup_steps, max(1, length // 2))
         if local < warmup:
             return self.start_lr + (self.peak_lr - self.start_lr) * (local + 1) / warmup
         if self.kind == "wsd":
