@@ -106,6 +106,8 @@ def test_reattached_worker_that_dies_while_watched_failed_not_closed(tmp_path, f
     """A restarted studio re-attaches a worker; the worker dies while this studio is open."""
     first = JobManager(Store(tmp_path))
     run = first.submit("r", "{}")
+    log = Path(run["out_dir"]) / "worker.log"
+    assert wait_for(lambda: "fake worker up" in log.read_text()), log.read_text()  # running, not still starting
     later = JobManager(Store(tmp_path))  # the studio restarted
     later.poll()
     assert later.store.get_run(run["id"])["status"] == "running"
