@@ -13,7 +13,6 @@ must still be training at the end: the load must not stop it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -21,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import describe_machine, format_table
+from benchmarks.common import describe_machine, format_table, report_machine
 from benchmarks.studio import PROMPT, nano_bundle, start_run, start_studio, stop_studio, wait_steps
 
 ERROR_PREFIXES = ("Cannot answer", "Cannot load", "Pick a model")
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         f"run status at the end: {result['run_status']}"
     )
     machine = describe_machine("cpu")
-    print("\n" + "\n".join(f"- {key}: {value}" for key, value in machine.items()))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, **result}, indent=2))
+    report_machine(machine, result, args.json)
     return 0
 
 

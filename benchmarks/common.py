@@ -8,12 +8,14 @@ numbers to read; absolute times move with the machine's load, which `describe_ma
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -137,3 +139,10 @@ def format_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def report_machine(machine: dict[str, str], result: dict, json_path: Path | None) -> None:
+    """Print the machine the figures were measured on; with `json_path`, write them and it there as JSON."""
+    print("\n" + "\n".join(f"- {key}: {value}" for key, value in machine.items()))
+    if json_path:
+        json_path.write_text(json.dumps({"machine": machine, **result}, indent=2))

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .common import describe_machine, format_seconds, format_table
+from .common import describe_machine, format_seconds, format_table, report_machine
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"startup": 6.0, "metrics": 2.0, "ttft": 0.3}  # seconds
@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nThe Metrics tab reads the registry every 2 s (studio.app.TIMER_S): a point reaches the chart at")
     print("most that much after it reaches the registry.")
     machine["load average at the end"] = describe_machine("cpu").get("load average (1/5/15 min)", "?")
-    print("\n" + "\n".join(f"- {key}: {value}" for key, value in machine.items()))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, **result}, indent=2))
+    report_machine(machine, result, args.json)
     return 0
 
 

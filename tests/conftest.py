@@ -27,6 +27,31 @@ def tiny_config(preset: str, **overrides):
     return ModelConfig.from_preset(preset, **base)
 
 
+def tiny_image_config(tokenizer):
+    """A tiny hybrid model with a one-layer ViT: 8-pixel patches, at most 16 per image."""
+    return tiny_config(
+        "apertis-hybrid-nano",
+        vocab_size=tokenizer.vocab_size,
+        image_encoder="vit",
+        image_patch_size=8,
+        image_max_patches=16,
+        image_encoder_layers=1,
+        image_token_id=tokenizer.image_id,
+    )
+
+
+@pytest.fixture
+def picture(tmp_path):
+    """A 40 x 24 white picture with a red square in it."""
+    from PIL import Image
+
+    path = tmp_path / "red-square.png"
+    image = Image.new("RGB", (40, 24), "white")
+    image.paste((255, 0, 0), (8, 4, 24, 20))
+    image.save(path)
+    return path
+
+
 def _free_port() -> int:
     import socket
 

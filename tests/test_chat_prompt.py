@@ -3,7 +3,6 @@ turns are dropped to leave room for the reply, the system prompt and the latest 
 conversation gives the same ids (and images) through either."""
 
 import pytest
-from PIL import Image
 
 from apertis_core import ApertisModel, Tokenizer
 from apertis_core.chat_prompt import chat_prompt, prompt_budget, with_images
@@ -33,15 +32,6 @@ def model(tokenizer):
         image_token_id=tokenizer.image_id,
     )
     return ApertisModel(config).eval()
-
-
-@pytest.fixture
-def picture(tmp_path):
-    path = tmp_path / "red-square.png"
-    image = Image.new("RGB", (40, 24), "white")
-    image.paste((255, 0, 0), (8, 4, 24, 20))
-    image.save(path)
-    return path
 
 
 def _turns(count: int) -> list[dict[str, str]]:

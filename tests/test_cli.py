@@ -14,7 +14,7 @@ from apertis_core.cli.main import main
 from apertis_core.generation import GenerationConfig, generate
 from apertis_core.tokenizer import Tokenizer
 
-from conftest import HANG_GUARD_S, REPO, tiny_config
+from conftest import HANG_GUARD_S, REPO, tiny_config, tiny_image_config
 
 
 @pytest.fixture
@@ -278,15 +278,7 @@ def test_generate_and_chat_take_an_image_when_the_model_has_an_encoder(tmp_path,
     from PIL import Image
 
     tokenizer = Tokenizer.byte_level()
-    config = tiny_config(
-        "apertis-hybrid-nano",
-        vocab_size=tokenizer.vocab_size,
-        image_encoder="vit",
-        image_patch_size=8,
-        image_max_patches=16,
-        image_encoder_layers=1,
-        image_token_id=tokenizer.image_id,
-    )
+    config = tiny_image_config(tokenizer)
     save_bundle(tmp_path / "vlm", ApertisModel(config).eval(), tokenizer)
     Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "red.png")
     common = ["--model", str(tmp_path / "vlm"), "--max-new-tokens", "4", "--temperature", "0"]

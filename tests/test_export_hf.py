@@ -14,7 +14,7 @@ from apertis_core.export import export_model
 from apertis_core.generation import GenerationConfig, generate
 from apertis_core.tokenizer import Tokenizer
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, tiny_image_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,15 +126,7 @@ def test_hf_export_loss_is_the_shifted_cross_entropy(tmp_path):
 def test_hf_export_of_an_image_model_runs_text_and_images(tmp_path):
     pytest.importorskip("torchvision")
     tokenizer = Tokenizer.byte_level()
-    config = tiny_config(
-        "apertis-hybrid-nano",
-        vocab_size=tokenizer.vocab_size,
-        image_encoder="vit",
-        image_patch_size=8,
-        image_max_patches=16,
-        image_encoder_layers=1,
-        image_token_id=tokenizer.image_id,
-    )
+    config = tiny_image_config(tokenizer)
     model = ApertisModel(config).eval()
     save_bundle(tmp_path / "vlm", model, tokenizer)
     hf = _load_hf(export_model(tmp_path / "vlm", tmp_path / "hf", format="hf"))

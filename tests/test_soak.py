@@ -398,34 +398,49 @@ def psutil_alive(pid: int) -> bool:
         return False
 
 
+def start_soak_run(client) -> str:
+    """Start a tiny STUDIO_STEPS-step run on the demo text through the API; its id."""
+    from studio.tabs import train
+
+    _, dataset_id = client.predict("text", api_name="/add_demo_data")
+    values = dict(train.BASIC_DEFAULTS, **train.ADVANCED_DEFAULTS)
+    values.update(max_steps=STUDIO_STEPS, batch_size=2, seq_len=32, vocab_size=262, log_every=1, save_every=4,
+                  eval_every=10, sample_every=0, warmup_steps=1, precision="fp32", device="cpu", extra=TINY)  # fmt: skip
+    message, run_id = client.predict(
+        "soak", dataset_id, "apertis-nano", *[values[f] for f in train.FIELDS], api_name="/start_run"
+    )
+    assert run_id, message
+    return run_id
+
+
+def metric_problems(store, run_id: str, run_dir: Path) -> list[str]:
+    """Steps missing or repeated in the registry or metrics.jsonl, and where the two disagree."""
+    problems = []
+    steps, losses = store.series(run_id, "train/loss")
+    if steps != list(range(1, STUDIO_STEPS + 1)):
+        missing = sorted(set(range(1, STUDIO_STEPS + 1)) - set(steps))
+        repeated = sorted({s for s in steps if steps.count(s) > 1})
+        problems.append(f"registry train/loss: steps missing {missing}, repeated {repeated}")
+    val_steps, _ = store.series(run_id, "val/loss")
+    if len(val_steps) != len(set(val_steps)):
+        problems.append(f"registry val/loss repeated: steps {val_steps}")
+    on_disk = series(metric_lines(run_dir / "metrics.jsonl"), "train/loss")
+    if [s for s, _ in on_disk] != list(range(1, STUDIO_STEPS + 1)):
+        problems.append("metrics.jsonl train/loss steps are not 1..N once each")
+    differing = [s for s, v in zip(steps, losses, strict=True) if dict(on_disk).get(s) != v]
+    if differing:
+        problems.append(f"registry train/loss differs from metrics.jsonl at steps {differing[:10]}")
+    return problems
+
+
 def test_studio_worker_and_studio_killed_twice_the_resumed_run_has_every_step_once(tmp_path):
     from studio.store import Store
-    from studio.tabs import train
 
     workspace = tmp_path / "ws"
     studio, kills = Studio(workspace, tmp_path / "studio.log"), []
     try:
         client = studio.start()
-        _, dataset_id = client.predict("text", api_name="/add_demo_data")
-        values = dict(train.BASIC_DEFAULTS, **train.ADVANCED_DEFAULTS)
-        values.update(
-            max_steps=STUDIO_STEPS,
-            batch_size=2,
-            seq_len=32,
-            vocab_size=262,
-            log_every=1,
-            save_every=4,
-            eval_every=10,
-            sample_every=0,
-            warmup_steps=1,
-            precision="fp32",
-            device="cpu",
-            extra=TINY,
-        )
-        message, run_id = client.predict(
-            "soak", dataset_id, "apertis-nano", *[values[f] for f in train.FIELDS], api_name="/start_run"
-        )
-        assert run_id, message
+        run_id = start_soak_run(client)
         store = Store(workspace)
         run_dir = Path(store.get_run(run_id)["out_dir"])
 
@@ -469,22 +484,6 @@ def test_studio_worker_and_studio_killed_twice_the_resumed_run_has_every_step_on
 
     report = "\n".join(f"{k}" for k in kills)
     print(report)
-    problems = []
-    steps, losses = store.series(run_id, "train/loss")
-    if steps != list(range(1, STUDIO_STEPS + 1)):
-        missing = sorted(set(range(1, STUDIO_STEPS + 1)) - set(steps))
-        repeated = sorted({s for s in steps if steps.count(s) > 1})
-        problems.append(f"registry train/loss: steps missing {missing}, repeated {repeated}")
-    val_steps, _ = store.series(run_id, "val/loss")
-    if len(val_steps) != len(set(val_steps)):
-        problems.append(f"registry val/loss repeated: steps {val_steps}")
-    on_disk = dict(series(metric_lines(run_dir / "metrics.jsonl"), "train/loss"))
-    if [s for s, _ in series(metric_lines(run_dir / "metrics.jsonl"), "train/loss")] != list(
-        range(1, STUDIO_STEPS + 1)
-    ):
-        problems.append("metrics.jsonl train/loss steps are not 1..N once each")
-    differing = [s for s, v in zip(steps, losses, strict=True) if on_disk.get(s) != v]
-    if differing:
-        problems.append(f"registry train/loss differs from metrics.jsonl at steps {differing[:10]}")
+    problems = metric_problems(store, run_id, run_dir)
     problems += check_run_folder(run_dir)
     assert not problems, "\n".join(problems) + "\nkills:\n" + report

@@ -6,7 +6,6 @@ spy around `generate` checks that the picture itself reached the model, not just
 """
 
 import pytest
-from PIL import Image
 
 from apertis_core import ApertisModel, Tokenizer, save_bundle
 from apertis_core import generation as generation_module
@@ -34,15 +33,6 @@ def _bundle(services, name: str, **image_settings) -> str:
     folder = services.store.models_dir / name
     save_bundle(folder, ApertisModel(config), tokenizer, {"steps": 0})
     return services.store.add_model(name, folder, kind="bundle")
-
-
-@pytest.fixture
-def picture(tmp_path):
-    path = tmp_path / "red-square.png"
-    image = Image.new("RGB", (40, 24), "white")
-    image.paste((255, 0, 0), (8, 4, 24, 20))
-    image.save(path)
-    return path
 
 
 @pytest.fixture
