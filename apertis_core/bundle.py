@@ -26,12 +26,14 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from . import sizing
+from . import finetune, sizing
+from .bitnet_pack import TERNARY_PACKING, pack_state, packing_problem, unpack_state, unpacked_header
 from .configio import ConfigError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .filenames import BUNDLE_FILES
 from .model import ApertisModel, ModelConfig
 from .model_card import card_title, model_card
+from .quantize import bundle_entry, quantize_model, read_bundle_entry
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1  # bumped when the folder layout or the weight names change incompatibly
@@ -100,12 +102,16 @@ def _canonical_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return {name: first.setdefault(_storage_key(tensor), name) for name, tensor in state.items()}
 
 
-def save_weights(path: str | Path, model: nn.Module) -> None:
-    """Write the module's state as safetensors, atomically, each shared tensor once."""
+def save_weights(path: str | Path, model: nn.Module, pack_ternary: bool = False) -> None:
+    """Write the module's state as safetensors, atomically, each shared tensor once; `pack_ternary` stores a
+    BitNet model's ternary weights two bits each (bitnet_pack)."""
     state = unwrap_model(model).state_dict()
     canonical = _canonical_names(state)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items() if canonical[name] == name}
-    blob = save(tensors, metadata={"format": "pt", "apertis_format_version": str(FORMAT_VERSION)})
+    metadata = {"format": "pt", "apertis_format_version": str(FORMAT_VERSION)}
+    if pack_ternary:
+        tensors, metadata["weight_packing"] = pack_state(tensors, unwrap_model(model)), TERNARY_PACKING
+    blob = save(tensors, metadata=metadata)
     atomic_write_bytes(path, _sorted_metadata(blob))
 
 
@@ -133,6 +139,7 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
         saved = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise BundleError(f"{path} is damaged or not a safetensors file ({exc}); re-export the model") from exc
+    saved = unpack_state(saved, module)  # a packed BitNet file's ternary weights, as float weights
     module.load_state_dict({name: saved[stored] for stored, names in groups.items() for name in names}, strict=True)
 
 
@@ -235,6 +242,7 @@ def _check_header(path: Path, header: dict[str, dict[str, Any]], module: nn.Modu
     """({stored name: the state-dict names it fills}, bytes of data) once the file's tensors fit `module`
     (real or on the meta device); BundleError naming what does not fit otherwise."""
     expected = module.state_dict()
+    header = unpacked_header(header, module)  # a packed BitNet file's pairs, as the weights they unpack to
     groups = _state_groups(module)  # tied tensors: any one of their names may be the stored one
     source = {first: next((n for n in names if n in header), None) for first, names in groups.items()}
     problems = [f"missing {first}" for first, found in source.items() if found is None]
@@ -263,27 +271,43 @@ def save_bundle(
     tokenizer: Tokenizer,
     card: dict[str, Any] | None = None,
     title: str | None = None,
+    pack_ternary: bool = False,
+    merge: bool = True,
 ) -> Path:
     """Write a self-contained model folder; `card` adds run facts (steps, train_loss, val_loss, data...).
 
-    The card is titled `title`, by default the folder's name (see card_title)."""
+    The card is titled `title`, by default the folder's name (see card_title). `pack_ternary`: see
+    write_model_files. A model with LoRA adapters is saved as its adapter (finetune.py) and, with `merge`,
+    also as the plain model with the adapters folded in, which loads without its base."""
     module = unwrap_model(model)
     config: ModelConfig = module.config
     if tokenizer.vocab_size != config.vocab_size:
         raise BundleError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model config says {config.vocab_size}"
         )
+    adapted = finetune.has_adapter(module)
+    card = {**(card or {}), **(finetune.adapter_facts(module) if adapted else {})}
+    merged = finetune.merged_model(module) if adapted and merge else None
     with atomic_directory(directory) as tmp:
-        write_model_files(tmp, module, tokenizer)
-        atomic_write_text(tmp / "README.md", model_card(module, title or card_title(directory), card or {}))
+        write_model_files(tmp, module, tokenizer, pack_ternary)
+        if merged is not None:
+            write_model_files(tmp, merged, tokenizer, pack_ternary)
+        shown = merged if merged is not None else module
+        atomic_write_text(tmp / "README.md", model_card(shown, title or card_title(directory), card))
     return Path(directory)
 
 
-def write_model_files(directory: Path, model: nn.Module, tokenizer: Tokenizer) -> None:
-    """The three files every bundle and checkpoint has, into an existing folder."""
+def write_model_files(directory: Path, model: nn.Module, tokenizer: Tokenizer, pack_ternary: bool = False) -> None:
+    """The three files every bundle and checkpoint has, into an existing folder. `pack_ternary` stores a
+    BitNet model's ternary weights two bits each, recorded in config.json (bitnet_pack)."""
     module = unwrap_model(model)
-    save_weights(directory / "model.safetensors", module)
-    config = {"format_version": FORMAT_VERSION, **module.config.to_dict()}
+    if finetune.has_adapter(module):  # a LoRA model: only its adapter; the weights stay in the base bundle
+        finetune.write_adapter(directory, module)
+    else:
+        save_weights(directory / "model.safetensors", module, pack_ternary)
+    config = {"format_version": FORMAT_VERSION, **module.config.to_dict(), **bundle_entry(module)}  # int8 weights
+    if pack_ternary:
+        config["weight_packing"] = TERNARY_PACKING
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
     tokenizer.save(directory / "tokenizer.json")
 
@@ -313,6 +337,13 @@ def model_config_from_json(raw: bytes, where: str) -> ModelConfig:
     if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         shown = version if isinstance(version, int) and abs(version) < 10**9 else type(version).__name__
         raise BundleError(f"{where} has format_version {shown!r}; this Apertis reads up to {FORMAT_VERSION}, update it")
+    packing = packing_problem(data)  # pops "weight_packing": the weights file describes its own tensors
+    if packing:
+        raise BundleError(f"{where}: {packing}")
+    try:
+        read_bundle_entry(data, where)  # pops "quantization": bundle_quantization reads it for loading
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
     try:
         sizing.check_model_mapping(data, where=where)
         config = ModelConfig.from_dict(data)
@@ -366,6 +397,8 @@ def check_bundle(directory: str | Path, device: str | torch.device = "cpu") -> t
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"{directory}: no such model folder")
+    if finetune.is_adapter_dir(directory):
+        return _check_adapter_dir(directory, device)
     files = {name: _bundle_file(directory, name, limit) for name, limit in _FILE_LIMITS.items()}
     config = read_model_config(files["config.json"])
     try:
@@ -373,8 +406,13 @@ def check_bundle(directory: str | Path, device: str | torch.device = "cpu") -> t
     except sizing.ModelSizeError as exc:
         raise BundleError(f"{directory}: {exc}") from exc
     tokenizer = _read_tokenizer(files["tokenizer.json"], config)
-    check_weights_file(files["model.safetensors"], config)
+    check_weights_file(files["model.safetensors"], config, bundle_quantization(directory))
     return config, tokenizer
+
+
+def bundle_quantization(directory: Path) -> str:
+    """How a checked model folder stores its weights: "none" (floating point) or "int8" (quantize.py)."""
+    return read_bundle_entry(json.loads(_read_small(directory / "config.json", MAX_CONFIG_BYTES)), str(directory))
 
 
 def _read_tokenizer(path: Path, config: ModelConfig) -> Tokenizer:
@@ -396,13 +434,14 @@ def _read_tokenizer(path: Path, config: ModelConfig) -> Tokenizer:
     return tokenizer
 
 
-def check_weights_file(path: str | Path, config: ModelConfig) -> int:
+def check_weights_file(path: str | Path, config: ModelConfig, quantization: str = "none") -> int:
     """Check a weights file's header against `config` (names, shapes, types, layout) without reading its
-    tensors, and that this computer can hold them beside the model while loading; returns the data bytes."""
+    tensors, and that this computer can hold them beside the model while loading; returns the data bytes.
+    `quantization` is how config.json says the weights are stored (bundle_quantization)."""
     path = Path(path)
     header = _read_header(path)
     with torch.device("meta"):  # shapes only: the meta device allocates nothing
-        skeleton = ApertisModel(config)
+        skeleton = quantize_model(ApertisModel(config), quantization)
     _, data_bytes = _check_header(path, header, skeleton)
     if data_bytes > sizing.weight_bytes(config):  # stored wider than fp32: loading needs more than planned
         try:
@@ -417,11 +456,85 @@ def check_weights_file(path: str | Path, config: ModelConfig) -> int:
     return data_bytes
 
 
-def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ApertisModel, Tokenizer]:
+def load_bundle(
+    directory: str | Path, device: str | torch.device = "cpu", merge: bool = True
+) -> tuple[ApertisModel, Tokenizer]:
     """(model in eval mode on `device`, tokenizer) from a bundle or checkpoint folder. Everything is checked
-    first (check_bundle), so a bundle that is damaged, hostile or too big is refused before it allocates."""
+    first (check_bundle), so a bundle that is damaged, hostile or too big is refused before it allocates.
+    A LoRA adapter folder loads its base bundle with the adapter applied, folded into a plain model unless
+    `merge` is False."""
     directory = Path(directory)
     config, tokenizer = check_bundle(directory, device)
-    model = ApertisModel(config)
-    load_weights(directory / "model.safetensors", model)
+    if finetune.is_adapter_dir(directory):
+        model = apply_adapter(load_bundle(_adapter_settings(directory)[1])[0], directory)
+        model = finetune.merged_model(model) if merge else model
+    else:
+        model = quantize_model(ApertisModel(config), bundle_quantization(directory))  # int8 modules if stored so
+        load_weights(directory / "model.safetensors", model)
     return model.to(device).eval(), tokenizer
+
+
+# ---- LoRA adapter folders (finetune.py) ----------------------------------------------------------------
+def _adapter_settings(directory: Path) -> tuple[Any, Path]:
+    """(peft's LoraConfig, base bundle folder) of an adapter folder."""
+    path = _bundle_file(directory, finetune.ADAPTER_CONFIG, MAX_CONFIG_BYTES)
+    try:
+        lora = finetune.adapter_config(_read_small(path, MAX_CONFIG_BYTES), str(path))
+    except finetune.AdapterError as exc:
+        raise BundleError(str(exc)) from exc
+    return lora, finetune.base_path(directory, lora)
+
+
+def _check_adapter_dir(directory: Path, device: str | torch.device) -> tuple[ModelConfig, Tokenizer]:
+    """check_bundle for a LoRA adapter folder: its base bundle in full, then that the adapter was made for
+    that base (the architecture in its config.json) and its tokenizer and weights fit."""
+    lora, base = _adapter_settings(directory)
+    if finetune.is_adapter_dir(base):
+        raise BundleError(f"{directory}: its base {base} is an adapter too; an adapter applies to a plain bundle")
+    try:
+        config, _ = check_bundle(base, device)
+    except BundleError as exc:
+        raise BundleError(f"{directory} is a LoRA adapter whose base model cannot be loaded: {exc}") from exc
+    if read_model_config(_bundle_file(directory, "config.json", MAX_CONFIG_BYTES)) != config:
+        raise BundleError(
+            f"{directory}: its base {base} is no longer the model the adapter was trained on (their config.json "
+            "differ); put the original base back, or fine-tune again"
+        )
+    tokenizer = _read_tokenizer(_bundle_file(directory, "tokenizer.json", MAX_TOKENIZER_BYTES), config)
+    _check_adapter_weights(directory, config, lora)
+    return config, tokenizer
+
+
+def _check_adapter_weights(directory: Path, config: ModelConfig, lora: Any) -> Path:
+    """The adapter's weights file, once its header names exactly the tensors, of the shapes, that peft gives
+    `lora` on a model of `config` (nothing is read beyond the header)."""
+    path = _bundle_file(directory, finetune.ADAPTER_WEIGHTS)
+    header = _read_header(path)
+    try:
+        shapes = finetune.adapter_shapes(config, lora)
+    except finetune.AdapterError as exc:
+        raise BundleError(f"{directory}: {exc}") from exc
+    problems = [f"missing {name}" for name in shapes if name not in header]
+    problems += [f"unexpected {name}" for name in sorted(header.keys() - shapes.keys())]
+    problems += [
+        f"{name}: saved {tuple(entry['shape'])} as {entry['dtype']}, the adapter needs {shapes[name]}"
+        for name, entry in header.items()
+        if name in shapes and (tuple(entry["shape"]) != shapes[name] or entry["dtype"] not in _FLOAT_DTYPES)
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise BundleError(f"{path} does not fit its adapter_config.json and base model ({shown}); save it again")
+    return path
+
+
+def apply_adapter(model: ApertisModel, directory: str | Path, trainable: bool = False) -> ApertisModel:
+    """Add the LoRA adapter saved in `directory` to `model` (a model of its base's architecture), its files
+    checked first; `trainable` keeps the adapter trainable (a resumed LoRA run)."""
+    directory = Path(directory)
+    lora, _ = _adapter_settings(directory)
+    path = _check_adapter_weights(directory, model.config, lora)
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise _damaged(path, str(exc)) from exc
+    return finetune.load_adapter(model, lora, weights, trainable)

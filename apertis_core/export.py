@@ -17,10 +17,12 @@ import torch
 
 from .bundle import BUNDLE_FILES, MAX_TEXT_BYTES, atomic_directory, load_bundle, save_bundle
 from .fileio import atomic_write_text
+from .finetune import ADAPTER_WEIGHTS, is_adapter_dir
 from .model import ApertisModel, ModelConfig
 from .model_card import card_title
+from .quantize import dequantize_model, quantize_model
 
-FORMATS = ("apertis", "hf", "hf-llama", "gguf")
+FORMATS = ("apertis", "hf", "hf-llama", "gguf", "bitnet")
 
 
 class ExportError(ValueError):
@@ -29,7 +31,13 @@ class ExportError(ValueError):
 
 # ---- finding the model --------------------------------------------------------------------------------
 def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in BUNDLE_FILES)
+    """A bundle or checkpoint folder, or a LoRA adapter folder (finetune.py), which loads with its base."""
+    return path.is_dir() and (all((path / name).is_file() for name in BUNDLE_FILES) or is_adapter_dir(path))
+
+
+def _weights_file(model_dir: Path) -> Path:
+    plain = model_dir / "model.safetensors"
+    return plain if plain.is_file() else model_dir / ADAPTER_WEIGHTS
 
 
 def find_model_dir(path: str | Path) -> Path:
@@ -51,19 +59,36 @@ def find_model_dir(path: str | Path) -> Path:
             f"{path}: no model here; expected a checkpoint or bundle folder ({', '.join(BUNDLE_FILES)}), "
             "or a run folder with final/ or checkpoints/step_*"
         )
-    return max(candidates, key=lambda d: (d / "model.safetensors").stat().st_mtime_ns)
+    return max(candidates, key=lambda d: _weights_file(d).stat().st_mtime_ns)
 
 
-def export_model(source: str | Path, out: str | Path, format: str = "apertis", gguf_type: str = "f16") -> Path:
+def export_model(
+    source: str | Path,
+    out: str | Path,
+    format: str = "apertis",
+    gguf_type: str = "f16",
+    merge: bool = False,
+    quantize: str = "none",
+) -> Path:
     """Write `source`'s model to the folder `out` in `format` ("apertis", "hf" or "hf-llama"); returns `out`.
-    "gguf" writes the single file `out` (llama.cpp; `gguf_type` "f16" or "q8_0"; see gguf_export)."""
+    "gguf" writes the single file `out` (llama.cpp; `gguf_type` "f16" or "q8_0"; see gguf_export). "bitnet"
+    writes an Apertis bundle with a BitNet model's ternary weights packed two bits each (bitnet_pack).
+    A LoRA adapter folder is exported as an adapter in the apertis format unless `merge`, which folds it into
+    a plain bundle with the same outputs; every other format needs, and gets, the merged model.
+    `quantize` "int8" stores an apertis bundle's linears as int8 with per-channel scales (quantize.py)."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize != "none" and format != "apertis":
+        raise ExportError(f"quantize {quantize!r} writes an Apertis bundle; export with format apertis")
     model_dir = find_model_dir(source)
     out = Path(out)
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise ExportError(f"{out}: export to a new folder, not into the source {model_dir}")
-    model, tokenizer = load_bundle(model_dir)
+    model, tokenizer = load_bundle(model_dir, merge=merge or format != "apertis" or quantize != "none")
+    if quantize != "none":
+        quantize_model(model, quantize)
+    elif format != "apertis":
+        dequantize_model(model)  # an int8 bundle, for formats that hold floating-point weights only
     if format == "gguf":
         return export_gguf(model, tokenizer, out, gguf_type)
     if format == "hf-llama":
@@ -72,7 +97,17 @@ def export_model(source: str | Path, out: str | Path, format: str = "apertis", g
         from .hf_export import export_hf
 
         return export_hf(model, tokenizer, out)
-    save_bundle(out, model, tokenizer, card=_card_facts(model_dir))
+    card = _card_facts(model_dir)
+    if quantize != "none":
+        card["weights"] = "int8 linears and embedding, one scale per output channel (apertis export --quantize)"
+    if format == "bitnet":
+        if not model.config.bitnet:
+            raise ExportError(
+                f"{model_dir} is not a BitNet model, so it has no ternary weights to pack; train it with "
+                "--set model.bitnet=true, or export it with --format apertis"
+            )
+        card["weights"] = "block linears ternary, packed 2 bits each (BitNet b1.58)"
+    save_bundle(out, model, tokenizer, card=card, pack_ternary=format == "bitnet", merge=merge)
     return out
 
 
@@ -126,6 +161,10 @@ def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
         problems.append(f"nope_layers {cfg.nope_layers} (Llama uses RoPE in every layer)")
     if cfg.image_encoder != "none":
         problems.append(f"an image encoder ({cfg.image_encoder}); Llama is text only")
+    if cfg.bitnet:
+        problems.append("BitNet ternary layers (bitnet: true); Llama runs full-precision weights")
+    if cfg.max_loops > 1:
+        problems.append(f"looped depth (max_loops {cfg.max_loops}); Llama applies each layer once")
     return problems
 
 

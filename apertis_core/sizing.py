@@ -52,6 +52,8 @@ INT_LIMITS: dict[str, tuple[int, int]] = {
     "image_encoder_layers": (0, 256),
     "image_encoder_width": (0, 1 << 15),
     "image_token_id": (-1, 1 << 20),
+    "cross_attn_every": (0, 1024),
+    "max_loops": (1, 64),
 }
 POSITIVE_FLOATS = ("rope_theta", "rope_scaling", "norm_eps")  # zero or below breaks the maths
 MAX_PATTERN = 1024  # layer_pattern characters
@@ -151,6 +153,8 @@ def parameter_count(cfg: ModelConfig) -> int:
     total += sum(_layer_parameters(cfg, layer) for layer in range(cfg.n_layers))
     if cfg.image_encoder != "none":
         total += _vision_parameters(cfg)
+    if cfg.max_loops > 1:  # the halting heads: one (d_model -> 1) linear with bias per extra pass
+        total += (cfg.max_loops - 1) * (d + 1)
     return total
 
 
@@ -165,6 +169,8 @@ def _layer_parameters(cfg: ModelConfig, layer: int) -> int:
         total += 3 * d * cfg.dense_hidden()  # gate_up (2 x hidden) and down
     if cfg.uses_strc(layer):
         total += d + 4 * d * cfg.strc_width()  # its norm, in_proj (3 x width) and out_proj
+    if cfg.uses_cross_attn(layer):  # two norms, q, kv and out projections, the gate
+        total += 2 * d + 4 * d * cfg.n_heads * cfg.dim_head() + 1
     return total
 
 
@@ -203,7 +209,7 @@ def _vit_parameters(cfg: ModelConfig, width: int) -> int:
     return (
         3 * width * patch * patch
         + width  # the patchify conv, with bias
-        + 2 * cfg.image_max_patches * width  # row and column embeddings
+        + (2 * cfg.image_max_patches * width if cfg.image_pos == "learned2d" else 0)  # row and column tables
         + cfg.image_encoder_layers * block
         + width
     )  # blocks, final norm
@@ -219,14 +225,15 @@ def loading_bytes(cfg: ModelConfig) -> int:
     return LOAD_COPIES * weight_bytes(cfg)
 
 
-def training_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, element_bytes: int = 4) -> int:
-    """Weights, gradients and AdamW moments (16 bytes per parameter) plus activations and logits, the same
-    estimate training.planning gives (~34 bytes per token per width unit per layer at 16 bits, Korthikanti
-    et al. 2022; logits in fp32 with their gradient). Good to a factor of ~1.5."""
+def training_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, element_bytes: int = 4, shards: int = 1) -> int:
+    """Weights, gradients and AdamW moments (16 bytes per parameter, split over `shards` FSDP processes)
+    plus activations and logits, the same estimate training.planning gives (~34 bytes per token per width
+    unit per layer at 16 bits, Korthikanti et al. 2022; logits in fp32 with their gradient). Good to a
+    factor of ~1.5."""
     tokens = batch_size * seq_len
     activations = 34 * tokens * cfg.d_model * cfg.n_layers * element_bytes // 2
     logits = tokens * cfg.vocab_size * (element_bytes + 4 + 4)
-    return TRAIN_BYTES_PER_PARAMETER * parameter_count(cfg) + activations + logits
+    return TRAIN_BYTES_PER_PARAMETER * parameter_count(cfg) // shards + activations + logits
 
 
 # ---- the machine ---------------------------------------------------------------------------------------
@@ -286,15 +293,19 @@ def check_loadable(cfg: ModelConfig, device: Any = "cpu", where: str = "model co
     return total
 
 
-def check_trainable(cfg: ModelConfig, batch_size: int, seq_len: int, device: Any, element_bytes: int = 4) -> int:
+def check_trainable(
+    cfg: ModelConfig, batch_size: int, seq_len: int, device: Any, element_bytes: int = 4, shards: int = 1
+) -> int:
     """Refuse a training run whose model is absurd or whose estimated peak memory exceeds what `device` has
-    free; returns the parameter count."""
+    free (with FSDP, each of the `shards` processes holds its share of the weights and optimizer state);
+    returns the parameter count."""
     total = check_config(cfg)
-    needed = training_bytes(cfg, batch_size, seq_len, element_bytes)
+    needed = training_bytes(cfg, batch_size, seq_len, element_bytes, shards)
+    split = f" split over {shards} processes" if shards > 1 else ""
     what = (
         f"Training this model ({_count(total)} parameters; weights, gradients and Adam moments take "
-        f"{human_bytes(TRAIN_BYTES_PER_PARAMETER * total)}, plus activations for batch_size {batch_size} x "
-        f"seq_len {seq_len})"
+        f"{human_bytes(TRAIN_BYTES_PER_PARAMETER * total)}{split}, plus activations for batch_size {batch_size} "
+        f"x seq_len {seq_len})"
     )
     check_fits(needed, device, what, "Lower train.batch_size or data.seq_len, or pick a smaller preset.")
     return total
@@ -312,7 +323,19 @@ def check_run(run_config: Any, model: ModelConfig | None = None) -> int:
     element = resolve_precision(train.precision, device).dtype.itemsize
     if model is None:
         model = run_config.model.replace(vocab_size=planned_vocab_size(run_config))
-    return check_trainable(model, train.batch_size, run_config.data.seq_len, device, element)
+    shards = _fsdp_processes(train) if train.parallel == "fsdp" else 1
+    return check_trainable(model, train.batch_size, run_config.data.seq_len, device, element, shards)
+
+
+def _fsdp_processes(train: Any) -> int:
+    """The processes an FSDP run shards over: torchrun's WORLD_SIZE inside a run, or the local GPUs that
+    the studio will start when asked for all of them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and train.gpus == "all":
+        import torch
+
+        world = max(1, torch.cuda.device_count())
+    return world
 
 
 def check_run_mapping(mapping: Mapping[str, Any]) -> int:

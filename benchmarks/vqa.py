@@ -1,8 +1,11 @@
-"""`apertis bench vqa`: Sort-of-CLEVR-style visual Q&A learned from scratch within a time budget.
+"""`apertis bench vqa`: Sort-of-CLEVR-style visual Q&A learned from scratch within a time budget, beside the
+classic baselines.
 
-Generates the built-in shapes set (deterministic by seed), trains an image model on its train.jsonl for
-`--minutes`, then scores greedy exact-match answers on the held-out scenes of test.jsonl, separately for
-non-relational and relational questions (and per question type).
+Generates the built-in shapes set (deterministic by seed), trains each chosen model on its train.jsonl for
+`--minutes` (the Apertis recipe below, and the CNN+MLP and Relation Network baselines of Santoro et al. 2017
+from benchmarks/vqa_baselines.py on the same questions), then scores answers on the held-out scenes of
+test.jsonl: greedy exact match for the model, the top class for the baselines. Scores are given separately
+for non-relational and relational questions and per question type, beside chance and the most common answer.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import json
 import shlex
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 # Published anchors for Sort-of-CLEVR (Santoro et al. 2017): Relation Networks 99% / 89%, CNN+MLP ~66%.
 TARGETS = {"nonrel": 0.98, "rel": 0.90}
+MODELS = ("apertis", "cnn_mlp", "rn")
 
 # The CPU recipe: a mostly-SLA hybrid (one softmax-attention layer in four for exact look-up of the named
 # object) over a ResNet-18 trunk trained from scratch (no downloaded weights). A ViT from scratch was
@@ -51,17 +55,23 @@ RECIPE = {
 }
 
 
-def prepare_data(folder: Path, scenes: int, seed: int) -> Path:
+def prepare_data(folder: Path, scenes: int, seed: int, curriculum: bool = False) -> Path:
     """The shapes set in `folder` (reused when an earlier run wrote the same one)."""
     from apertis_core.data.shapes import generate_shapes
 
     summary = folder / "summary.json"
     if summary.is_file():
         known = json.loads(summary.read_text())
-        if known.get("seed") == seed and sum(known["scenes"].values()) == scenes and known.get("conversations"):
+        same = known.get("seed") == seed and sum(known["scenes"].values()) == scenes and known.get("conversations")
+        if same and known.get("curriculum", False) == curriculum:
             return folder
-    generate_shapes(folder, n=scenes, seed=seed, conversations=True)  # one image encoding for 20 questions
+    # conversations: one image encoding for 20 questions; curriculum: easy questions listed first
+    generate_shapes(folder, n=scenes, seed=seed, conversations=True, curriculum=curriculum)
     return folder
+
+
+def held_out_rows(test_file: Path) -> list[dict]:
+    return [json.loads(line) for line in test_file.read_text().splitlines() if line.strip()]
 
 
 def score(bundle: Path, test_file: Path) -> dict:
@@ -71,12 +81,16 @@ def score(bundle: Path, test_file: Path) -> dict:
     from apertis_core.evaluation import exact_match
     from apertis_core.training.hardware import pick_device
 
-    rows = [json.loads(line) for line in test_file.read_text().splitlines() if line.strip()]
+    rows = held_out_rows(test_file)
     records, report = load_dataset(test_file)
     if len(records) != len(rows):
         raise RuntimeError(f"{test_file}: {len(rows) - len(records)} records were skipped:\n{report.to_text()}")
     model, tokenizer = load_bundle(bundle, device=str(pick_device("auto")))
-    correct = exact_match(model, tokenizer, records)
+    return by_group(rows, exact_match(model, tokenizer, records))
+
+
+def by_group(rows: list[dict], correct: list[bool]) -> dict:
+    """{group: (accuracy, count)} for each kind ("nonrel", "rel") and kind/question type."""
     groups: dict[str, list[bool]] = defaultdict(list)
     for row, ok in zip(rows, correct, strict=True):
         groups[row["kind"]].append(ok)
@@ -84,14 +98,24 @@ def score(bundle: Path, test_file: Path) -> dict:
     return {name: (sum(oks) / len(oks), len(oks)) for name, oks in sorted(groups.items())}
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict:
+def reference_levels(rows: list[dict]) -> dict:
+    """Per group, "chance" (a uniform guess among the question type's answers) and "common" (always the
+    type's most common answer): what a model that ignores the picture reaches."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        answers[row["qtype"]][row["messages"][-1]["content"]] += 1
+    chance = by_group(rows, [1 / len(answers[row["qtype"]]) for row in rows])
+    common = by_group(rows, [answers[r["qtype"]].most_common(1)[0][0] == r["messages"][-1]["content"] for r in rows])
+    return {"chance": chance, "common": common}
+
+
+def train_apertis(args: argparse.Namespace, data: Path, workdir: Path) -> dict:
     from apertis_core.training import RunConfig, train
 
-    data = prepare_data(args.data or workdir / "shapes", args.scenes, args.seed)
     run_config = RunConfig.from_dict(
         {
             "model": RECIPE["model"],
-            "data": {**RECIPE["data"], "path": str(data / "train.jsonl")},
+            "data": {**RECIPE["data"], "path": str(data / "train.jsonl"), "curriculum_epochs": args.curriculum},
             "train": {**RECIPE["train"], "max_minutes": args.minutes},  # 0: train.max_steps decides
             "out_dir": str(workdir / "run"),
         }
@@ -102,29 +126,67 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     return {"steps": result.steps, "minutes": minutes, "accuracy": score(Path(result.bundle_dir), data / "test.jsonl")}
 
 
+def run(args: argparse.Namespace, workdir: Path) -> dict:
+    from benchmarks.vqa_baselines import train_baseline
+
+    data = prepare_data(args.data or workdir / "shapes", args.scenes, args.seed, curriculum=args.curriculum > 0)
+    results = {}
+    for name in args.models:
+        if name == "apertis":
+            results[name] = train_apertis(args, data, workdir)
+        else:
+            results[name] = train_baseline(name, data, args.minutes, args.baseline_steps, seed=args.seed)
+    return {"models": results, **reference_levels(held_out_rows(data / "test.jsonl"))}
+
+
 def format_report(result: dict, command: str) -> str:
-    acc = result["accuracy"]
+    models = result["models"]
+    names = list(models)
     lines = [
-        "| questions | held-out questions | exact match | target |",
-        "|---|---|---|---|",
+        "| questions | held-out | chance | most common | " + " | ".join(names) + " | target |",
+        "|---" * (len(names) + 5) + "|",
     ]
-    for name, (value, count) in acc.items():
-        target = TARGETS.get(name)
-        mark = "" if target is None else f">= {target:.0%} ({'met' if value >= target else 'missed'})"
-        label = {"nonrel": "**non-relational**", "rel": "**relational**"}.get(name, name)
-        lines.append(f"| {label} | {count} | {value:.1%} | {mark} |")
+    for group, (chance, count) in result["chance"].items():
+        label = {"nonrel": "**non-relational**", "rel": "**relational**"}.get(group, group)
+        target = TARGETS.get(group)
+        scores = [f"{models[n]['accuracy'][group][0]:.1%}" for n in names]
+        lines.append(
+            f"| {label} | {count} | {chance:.1%} | {result['common'][group][0]:.1%} | {' | '.join(scores)} | "
+            f"{'' if target is None else f'>= {target:.0%}'} |"
+        )
     lines.append("")
-    lines.append(
-        f"Training: {result['steps']} steps in {result['minutes']:.1f} min (wall clock, incl. data preparation)."
-    )
+    for name in names:
+        model = models[name]
+        lines.append(
+            f"{name}: {model['steps']} steps in {model['minutes']:.1f} min (wall clock, incl. data preparation)."
+        )
     lines.append(f"Command: {command}")
     lines.append("Anchors (Sort-of-CLEVR): Relation Networks 99% non-relational / 89% relational; CNN+MLP ~66%.")
     return "\n".join(lines)
 
 
+def model_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}"
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apertis bench vqa", description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=30.0, help="training budget (default 30)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget of each model (default 30)")
+    parser.add_argument(
+        "--models", type=model_list, default=list(MODELS),
+        help=f"comma-separated models to train and score (default all: {','.join(MODELS)}); e.g. cnn_mlp,rn",
+    )  # fmt: skip
+    parser.add_argument("--baseline-steps", type=int, default=0, help="stop the baselines after this many steps")
+    parser.add_argument(
+        "--curriculum", type=float, default=0.0,
+        help="epochs of easy-first sampling for the model: non-relational questions first (data.curriculum_epochs)",
+    )  # fmt: skip
     parser.add_argument("--scenes", type=int, default=10_000, help="scenes to generate, 10%% held out (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated set")
     parser.add_argument("--data", type=Path, help="keep the generated set here (reused when seed and size match)")
@@ -134,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    if args.minutes <= 0 and args.baseline_steps <= 0 and set(args.models) - {"apertis"}:
+        parser.error("the baselines need a budget: --minutes above 0, or --baseline-steps")
     command = "apertis bench vqa " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.workdir:
         result = run(args, args.workdir)

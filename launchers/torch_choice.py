@@ -8,6 +8,7 @@ Standard library only, like bootstrap.py, which imports it (a script's own folde
   second index to reach, and PyPI's torchvision is the one built against it.
 - macOS: "default", PyPI's build, which also uses Apple's GPU.
 When PyTorch's index does not answer or pip fails on it, bootstrap.py falls back to PyPI's build (see fall_back).
+A CUDA build on Linux also gets fla-core, the Triton kernels SLA and STRC use on NVIDIA GPUs (docs/KERNELS.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # Only these combinations need PyTorch's own index; everywhere else PyPI's build is the one wanted.
 TORCH_INDEX = {("Linux", "cpu"): CPU_INDEX, ("Windows", "cuda"): "https://download.pytorch.org/whl/cu130"}
 PROBE_SECONDS = 10.0
+# Installed beside a CUDA build on Linux, pinned like requirements.txt: PyPI's Linux torch brings Triton, which
+# these kernels need; Windows has no official Triton build, and elsewhere they could not run.
+LINUX_CUDA_KERNELS = ("fla-core==0.6.0", "einops==0.8.2")
 # A torch or torchvision requirement line: (name, ==/===, version); the version is left out when it has a local
 # label (+cpu) already or is not pinned.
 TORCH_PIN = re.compile(r"\s*(torch|torchvision)(?![\w.-])\s*(?:(={2,3})\s*([\w.]+)(?![\w.+*]))?")
@@ -71,6 +75,8 @@ def install_plan(system: str, variant: str, requirements: str) -> tuple[list[lis
     torch and torchvision come first as `==VERSION+LABEL` (a plain `==2.13.0` would be satisfied by PyPI's 2.13.0
     already installed) and are left out of the rest; for PyPI's build they stay in the rest as `===VERSION`
     (a plain `==0.28.0` would keep an installed 0.28.0+cpu, a torchvision built for another torch)."""
+    if (system, variant) == ("Linux", "cuda"):
+        requirements = "".join(line + "\n" for line in [*requirements.splitlines(), *LINUX_CUDA_KERNELS])
     index, lines = torch_index(system, variant), requirements.splitlines()
     found = [TORCH_PIN.match(line) for line in lines]
     if index is None:

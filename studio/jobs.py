@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import run_states as rs
+from .gpus import gpu_processes, torchrun_command
 from .runfiles import CONFIG_NAME, LOG_NAME, clear_stop, log_tail, request_stop
 from .store import Store
 
@@ -263,6 +264,12 @@ class JobManager:
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
         )
         command = worker_command(self.store.root, run["id"])
+        processes, refusal = gpu_processes(run["config"])
+        if refusal:  # asks for GPUs this computer does not have (or no longer has: a resumed run)
+            self.store.transition_run(run["id"], rs.FAILED, [rs.QUEUED], ended=time.time(), exit_reason=refusal)
+            return
+        if processes > 1:
+            command = torchrun_command(command, processes)
         try:
             with (out_dir / LOG_NAME).open("ab") as log:
                 proc = subprocess.Popen(

@@ -65,3 +65,11 @@ def model_label(row: dict[str, Any], folded: bool = False) -> str:
 def model_options(services, show_checkpoints: bool = False) -> list[tuple[str, str]]:
     """(label, model id) in listed_models' order, as the Models and Chat pickers list them."""
     return [(model_label(row, folded), row["id"]) for row, folded in listed_models(services, show_checkpoints)]
+
+
+NEW_MODEL = ("none: a new model of the chosen size", "")  # the Train tab's "Start from model" default
+
+
+def start_model_options(services) -> list[tuple[str, str]]:
+    """The Train tab's "Start from model" choices: a new model, or any listed model to fine-tune."""
+    return [NEW_MODEL, *model_options(services)]

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from . import run_states
+from .gpus import gpu_refusal, local_gpu_count
 
 LONG_RUN_S = 7 * 86400  # a plan longer than this needs the user's explicit confirmation
 ABSURD_RUN_S = 365 * 86400  # refused outright: nobody trains a year on one computer; the number was mistyped
@@ -79,6 +80,7 @@ class RunPlan:
     ahead: int  # runs this one waits for before it starts (0: it starts at once)
     wait_s: float | None  # until the runs ahead end, at their measured pace (None: not known yet)
     made: float  # time.time() of the measurement it was built from
+    trains: str = ""  # a fine-tune's line: what it trains of which model (fine_tune_line)
 
     @property
     def train_s(self) -> float:
@@ -86,7 +88,7 @@ class RunPlan:
         return self.plan.eta_seconds
 
     def to_text(self) -> str:
-        return "\n".join([self.plan.to_text(), *self.load_lines()])
+        return "\n".join([self.plan.to_text(), *([self.trains] if self.trains else []), *self.load_lines()])
 
     def load_lines(self) -> list[str]:
         from apertis_core.training.planning import format_duration
@@ -137,7 +139,29 @@ def plan_for(services, mapping: dict[str, Any], measure: Measure | None = None) 
     made, measurement = cache[key]
     if ahead:  # it trains later, beside fewer runs than it was measured beside (see the module docstring)
         measurement = _scaled(measurement, _later_factor(services, device, beside, measurement))
-    return RunPlan(plan_run(run_config, measurement=measurement), len(beside), ahead, wait_s, made)
+    processes = local_gpu_count() if run_config.train.gpus == "all" else 1  # each GPU trains its own batches
+    plan = plan_run(run_config, world_size=processes, measurement=measurement)
+    return RunPlan(plan, len(beside), ahead, wait_s, made, fine_tune_line(run_config, plan.parameters))
+
+
+def fine_tune_line(run_config, parameters: int) -> str:
+    """For a run that starts from a model: which one, and how much of it trains; "" for a new model."""
+    from apertis_core.model_card import card_title
+    from apertis_core.training.build import planned_model_config, start_bundle, uses_lora
+
+    base = start_bundle(run_config)
+    if not base:
+        return ""
+    if not uses_lora(run_config):
+        return f"fine-tune       all weights of {card_title(base)}"
+    from apertis_core.finetune import lora_parameter_count
+
+    tune = run_config.finetune
+    trained = lora_parameter_count(planned_model_config(run_config), tune.target_modules, tune.rank)
+    return (
+        f"fine-tune       LoRA rank {tune.rank} on {card_title(base)}: {trained / 1e6:.3f}M trainable "
+        f"({trained / max(parameters, 1):.1%} of the weights; the base stays frozen)"
+    )
 
 
 def _later_factor(services, device: str, beside: list[dict[str, Any]], measurement) -> float:
@@ -231,7 +255,7 @@ def check_start(
 ) -> StartCheck:
     """Refuse what cannot work (no usable data, a config or data error the trainer would hit, a run longer
     than a year) and a run longer than LONG_RUN_S unless `confirmed_long`; otherwise pass with the plan."""
-    refusal = dataset_refusal(services, dataset_id)
+    refusal = dataset_refusal(services, dataset_id) or gpu_refusal(mapping.get("train") or {})
     if refusal:
         return StartCheck(False, refusal)
     try:

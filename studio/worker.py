@@ -7,7 +7,8 @@ slow disk or a busy database never stalls a training step. Stop is cooperative: 
 trainer's STOP file into the run folder; the trainer saves a checkpoint and returns. SIGTERM or SIGHUP (a
 `kill`, logging out, the computer shutting down) is turned into the same request, so even then a checkpoint
 is saved; the run then ends "interrupted" rather than "stopped". The worker records its own ending through
-run_states' table and prints it as its last log line.
+run_states' table and prints it as its last log line. A run on several GPUs (train.gpus=all) starts this
+module once per GPU through torchrun: rank 0 does all of the above, the other ranks only train beside it.
 """
 
 from __future__ import annotations
@@ -256,6 +257,26 @@ def _take_run(store: Store, run: dict[str, Any]) -> str | None:
     )
 
 
+def _continuation(run: dict[str, Any]) -> dict[str, Any]:
+    """train()'s resume_from and extra_steps for the run's mode (new, resume, or "more" steps)."""
+    mode = run["mode"]
+    return {
+        "resume_from": run["out_dir"] if mode in ("resume", "more") else None,
+        "extra_steps": int(run["extra_steps"] or 0) if mode == "more" else 0,
+    }
+
+
+def _train_beside(run: dict[str, Any]) -> int:
+    """A torchrun process other than rank 0 (train.gpus=all): it trains its share of every step and leaves
+    the registry, the log lines and the run's ending to rank 0, so each is written once."""
+    from apertis_core.training import train
+
+    out_dir = Path(run["out_dir"])
+    OutsideStop(out_dir).install()  # torchrun passes a SIGTERM on to every rank: all of them save, together
+    train(load_run_config(run["config"], out_dir), **_continuation(run))
+    return 0
+
+
 def run_worker(workspace: str | Path, run_id: str) -> int:
     """Train run `run_id` of `workspace`; returns the process exit code (0 also when stopped on request)."""
     from apertis_core.training import train
@@ -265,6 +286,8 @@ def run_worker(workspace: str | Path, run_id: str) -> int:
     if run is None:
         print(f"run {run_id!r} is not in the registry {store.db_path}; start it from the studio", file=sys.stderr)
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        return _train_beside(run)
     refusal = _take_run(store, run)
     if refusal:
         print(refusal, file=sys.stderr)
@@ -275,17 +298,11 @@ def run_worker(workspace: str | Path, run_id: str) -> int:
     store.update_run(
         run_id, pid=os.getpid(), started=time.time(), ended=None, exit_code=None, exit_reason=None, log_tail=None
     )
-    mode = run["mode"]
-    print(f"worker {os.getpid()}: run {run_id} ({mode}) in {out_dir}", flush=True)
+    print(f"worker {os.getpid()}: run {run_id} ({run['mode']}) in {out_dir}", flush=True)
     registry = RegistryCallback(store, run_id)
     try:
         config = load_run_config(run["config"], out_dir)
-        result = train(
-            config,
-            callbacks=[registry, LogLines()],
-            resume_from=str(out_dir) if mode in ("resume", "more") else None,
-            extra_steps=int(run["extra_steps"] or 0) if mode == "more" else 0,
-        )
+        result = train(config, callbacks=[registry, LogLines()], **_continuation(run))
     except BaseException as exc:  # KeyboardInterrupt/SystemExit too: the registry must learn why it ended
         traceback.print_exc()
         sys.stdout.flush()

@@ -52,6 +52,24 @@ def picture(tmp_path):
     return path
 
 
+@pytest.fixture
+def services(tmp_path):
+    """The studio's services over an empty workspace in tmp_path/ws: for handler tests without a browser."""
+    from studio.app import Services
+    from studio.jobs import JobManager
+    from studio.store import Store
+
+    store = Store(tmp_path / "ws")
+    return Services(store=store, jobs=JobManager(store))
+
+
+def studio_form(**changes):
+    """The Train tab's form values at their defaults, with `changes`."""
+    from studio.tabs import train
+
+    return {**train.BASIC_DEFAULTS, **train.ADVANCED_DEFAULTS, **changes}
+
+
 def _free_port() -> int:
     import socket
 

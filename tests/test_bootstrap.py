@@ -107,7 +107,6 @@ def test_gpu_probe_needs_a_working_nvidia_smi():
     "system, variant",
     [
         ("Linux", "default"),
-        ("Linux", "cuda"),
         ("Darwin", "default"),
         ("Darwin", "cpu"),
         ("Windows", "cpu"),
@@ -132,6 +131,21 @@ def test_pytorch_index_builds_take_torch_out_of_the_requirements(system, variant
     # The local label makes pip replace a standard 2.13.0 already installed (a plain ==2.13.0 would keep it).
     assert first[0][0] == "--index-url" and first[0][2:] == [f"torch==2.13.0{label}", f"torchvision==0.28.0{label}"]
     assert rest.splitlines() == ["# pins", "torch-geometric==2.0", "gradio==6.31.0"]
+
+
+def test_a_cuda_build_on_linux_also_gets_the_fla_kernels():
+    first, rest = torch_choice.install_plan("Linux", "cuda", REQUIREMENTS)
+    assert first == [] and rest.splitlines() == [
+        "# pins",
+        "torch===2.13.0",
+        "torchvision===0.28.0",
+        "torch-geometric==2.0",
+        "gradio==6.31.0",
+        *torch_choice.LINUX_CUDA_KERNELS,
+    ]
+    assert [pin.split("==")[0] for pin in torch_choice.LINUX_CUDA_KERNELS] == ["fla-core", "einops"]
+    for system, variant in [("Linux", "cpu"), ("Linux", "default"), ("Windows", "cuda"), ("Darwin", "default")]:
+        assert "fla-core" not in torch_choice.install_plan(system, variant, REQUIREMENTS)[1]
 
 
 def test_an_index_build_with_nothing_of_torch_to_install_skips_the_index():

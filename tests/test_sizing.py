@@ -44,6 +44,7 @@ VARIANTS = [
     ("apertis-nano", dict(image_encoder="resnet18", image_patch_size=16)),
     ("apertis-nano", dict(image_encoder="resnet34", image_patch_size=4)),
     ("apertis-nano", dict(image_encoder="resnet50", image_patch_size=32)),
+    ("apertis-hybrid-nano", dict(max_loops=3, loop_blocks="1-2")),
 ]
 
 
@@ -162,3 +163,25 @@ def test_a_run_mapping_is_checked_before_its_config_is_built(monkeypatch):
         check_run_mapping({**run, "model": {"preset": "apertis-nano", "n_heads": 0}})
     with pytest.raises(ModelSizeError, match=r"Training this model .* but this computer has 1.0 GB free"):
         check_run_mapping({**run, "model": {"preset": "apertis-large"}})
+
+
+def test_fsdp_runs_are_sized_per_process(monkeypatch):
+    """FSDP splits the weights and optimizer state over the processes, so a model that only fits sharded
+    passes the check inside each of them (torchrun's WORLD_SIZE) and is refused without sharding."""
+    from apertis_core.sizing import check_run
+    from apertis_core.training import RunConfig
+
+    monkeypatch.delenv(SKIP_MEMORY_CHECK_ENV, raising=False)
+    cfg = ModelConfig.from_preset("apertis-base", vocab_size=512)
+    one_process = training_bytes(cfg, 1, 64)
+    assert training_bytes(cfg, 1, 64, shards=4) < one_process / 3
+    free = one_process // 2
+    monkeypatch.setattr("apertis_core.sizing.available_memory", lambda device="cpu": (free, "this computer"))
+    mapping = {"model": "apertis-base", "data": {"seq_len": 64, "vocab_size": 512}, "train": {"batch_size": 1}}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ModelSizeError):
+        check_run(RunConfig.from_dict({**mapping, "train": {"batch_size": 1, "parallel": "ddp"}}))
+    assert check_run(RunConfig.from_dict({**mapping, "train": {"batch_size": 1, "parallel": "fsdp"}})) > 0
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ModelSizeError, match="apertis-base|parameters"):
+        check_run(RunConfig.from_dict({**mapping, "train": {"batch_size": 1, "parallel": "fsdp"}}))

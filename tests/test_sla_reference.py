@@ -2,11 +2,13 @@
 
 Outputs, final states and the gradients of q, k, v, the log-decays and the initial state, in fp32 (against
 an fp64 reference) and bf16 (looser), odd lengths, with and without an initial state; both chunk-to-chunk
-scans (the CPU loop and the accelerators' matmul) run here on the CPU.
+scans (the CPU loop and the accelerators' matmul) run here on the CPU. The layer on fla-core's kernels is
+checked the same way on CUDA, or through Triton's interpreter on a CPU (tests/test_kernels.py).
 """
 
 import pytest
 import torch
+from fla_interpreter import fla_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,7 +159,7 @@ def make_layer(conv=4, **overrides):
 def layer_state(layer, batch, with_state):
     if not with_state:
         return None
-    state = layer.init_state(batch, torch.device("cpu"), torch.float32)
+    state = layer.init_state(batch, layer.A_log.device, torch.float32)
     state["S"] = torch.randn_like(state["S"]) * 0.3
     if "conv" in state:
         state["conv"] = torch.randn_like(state["conv"])
@@ -170,7 +172,7 @@ def layer_results(fn, layer, x, state, seed=2):
     y, new_state = fn(x, state)
     outputs = [y] + ([new_state[key] for key in sorted(state)] if state is not None else [])
     generator = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=generator, dtype=torch.float64)).sum() for o in outputs)
+    loss = sum((o.double() * torch.randn(o.shape, generator=generator).to(o.device)).sum() for o in outputs)
     inputs = [x, *layer.parameters()] + ([state[key] for key in sorted(state)] if state is not None else [])
     return outputs + list(torch.autograd.grad(loss, inputs))
 
@@ -235,3 +237,54 @@ def test_layer_under_bf16_autocast_matches_plain_expression(with_state):
     # Gradients: 2-15% here, as with the former autograd layer: unit-norm q and k scale a short pre-norm
     # vector's bf16 rounding up by 1 / |q|.
     assert_layer_close(fast, ref, layer, state, 0.2, loose=1)
+
+
+# ---- fla-core's kernels (model/kernels.py) against the same plain expression: on CUDA, or on a CPU through Triton's
+# interpreter in the process tests/test_kernels.py starts for them (tests/fla_interpreter.py) --------------------
+FLA_TOLERANCE = {"cuda": 5e-3, "cpu": 5e-5}  # fla's fp32 dots run as TF32 on a GPU, in fp32 in the interpreter
+
+
+def skip_bf16_in_interpreter(device, dtype):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.7's interpreter multiplies bf16 tl.dot operands as raw 16-bit integers: CUDA only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 100])
+def test_layer_on_fla_kernels_matches_plain_expression(length, with_state, dtype):
+    device = fla_device()
+    skip_bf16_in_interpreter(device, dtype)
+    layer = make_layer(kernels="fla").to(device)
+    x = torch.randn(2, length, 32, device=device, requires_grad=True)
+    state = layer_state(layer, 2, with_state)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        fast = layer_results(layer, layer, x, state)
+    wide, x64, state64 = wide_copy(layer, x, state)
+    ref = layer_results(lambda x_, s_: naive.sla_layer(wide, x_, s_), wide, x64, state64)
+    if dtype == torch.bfloat16:  # as the PyTorch path's bf16 test above
+        assert relative_errors(fast[:1], ref[:1])[0] < 3e-2
+        assert_layer_close(fast, ref, layer, state, 0.2, loose=1)
+    else:
+        assert_layer_close(fast, ref, layer, state, FLA_TOLERANCE[device])
+
+
+def test_step_on_fla_kernels_matches_torch_forward():
+    """fused_recurrent_simple_gla token by token gives the PyTorch path's parallel outputs and state, and
+    overwrites the state in place (a captured decode graph relies on that)."""
+    device = fla_device()
+    layer = make_layer(kernels="fla").to(device)
+    x = torch.randn(2, 9, 32, device=device)
+    state = {key: value.detach() for key, value in layer_state(layer, 2, True).items()}
+    start = state["S"]
+    with torch.no_grad():
+        layer.kernels = "torch"
+        y, final = layer(x, {key: value.clone() for key, value in state.items()})
+        layer.kernels = "fla"
+        outputs = []
+        for t in range(x.shape[1]):
+            out, state = layer.step(x[:, t], state)
+            outputs.append(out)
+    assert state["S"] is start
+    for fast, ref in [(torch.stack(outputs, 1), y), (state["S"], final["S"]), (state["conv"], final["conv"])]:
+        assert relative_errors([fast], [ref])[0] < FLA_TOLERANCE[device]

@@ -37,14 +37,15 @@ def _bundle(services, name: str, **image_settings) -> str:
 
 @pytest.fixture
 def generate_calls(monkeypatch):
-    """Every (prompt ids, images) the chat handler passes to apertis_core's generate."""
-    calls, real = [], generation_module.generate
+    """Every (prompt ids, images) the chat handler hands to apertis_core's decoding: DecodeBatch.add, where a
+    prompt enters alone (generate) or beside other chats' (the studio's batching scheduler)."""
+    calls, real = [], generation_module.DecodeBatch.add
 
-    def spy(model, ids, config, images=None):
+    def spy(self, ids, config=None, images=None):
         calls.append((list(ids), images))
-        yield from real(model, ids, config, images=images)
+        return real(self, ids, config, images)
 
-    monkeypatch.setattr(generation_module, "generate", spy)
+    monkeypatch.setattr(generation_module.DecodeBatch, "add", spy)
     return calls
 
 

@@ -22,6 +22,7 @@ from apertis_core.cli.main import main as apertis
 from apertis_core.data import validate_dataset
 from studio.app import Services
 from studio.jobs import JobManager
+from studio.model_cache import BatchScheduler
 from studio.store import Store
 from studio.tabs import chat, dataset, models
 
@@ -213,13 +214,12 @@ def test_display_escaping_round_trips(text):
 
 def test_streamed_reply_holds_back_split_characters(services, monkeypatch):
     from apertis_core import Tokenizer
-    from apertis_core import generation as generation_module
 
     model_id = _bundle(services, "bytes")
     reply = "héllo 🎉 naïve"
     tokens = Tokenizer.byte_level().encode(reply)
     assert len(tokens) > len(reply)  # multi-byte characters arrive one byte per token
-    monkeypatch.setattr(generation_module, "generate", lambda model, ids, config, images=None: iter(tokens))
+    monkeypatch.setattr(BatchScheduler, "generate", lambda self, ids, config, images=None: iter(tokens))
     steps = list(chat.chat(services, {"text": "Hi", "files": []}, [], model_id, *SETTINGS))
     shown = [history[-1]["content"] for history, _ in steps]
     assert all("\ufffd" not in text for text in shown) and shown[-1] == reply
@@ -227,10 +227,8 @@ def test_streamed_reply_holds_back_split_characters(services, monkeypatch):
 
 
 def test_speed_lines_name_their_model_and_count_tokens_in_words(services, monkeypatch):
-    from apertis_core import generation as generation_module
-
     first, second = _bundle(services, "alpha"), _bundle(services, "beta")
-    monkeypatch.setattr(generation_module, "generate", lambda model, ids, config, images=None: iter([ord("A")]))
+    monkeypatch.setattr(BatchScheduler, "generate", lambda self, ids, config, images=None: iter([ord("A")]))
     *_, (_, speed) = chat.chat(services, {"text": "Hi", "files": []}, [], first, *SETTINGS)
     assert speed.startswith("alpha: 1 token · ") and "tokens/s" in speed
     *_, (_, speed_b) = chat.chat_compare(services, True, {"text": "Hi", "files": []}, [], second, *SETTINGS)

@@ -1,11 +1,12 @@
-"""A tiny image model learns, in a short CPU run, to name the colour of the one shape in a picture."""
+"""Tiny image models learn in short CPU runs: the colour of the one shape in a picture, and (with
+cross-attention to the patches) which shape has the colour a question names, among two."""
 
 import json
 import random
 
 from apertis_core import GenerationConfig, generate, load_bundle
 from apertis_core.data import load_dataset
-from apertis_core.data.shapes import COLOURS, make_scene, render
+from apertis_core.data.shapes import COLOURS, SHAPES, Scene, Shape, make_scene, render
 from apertis_core.evaluation import exact_match
 from apertis_core.training import RunConfig, train
 from apertis_core.vision import preprocess_image
@@ -61,3 +62,54 @@ def test_tiny_model_learns_the_colour_of_a_single_shape(tmp_path):
     assert accuracy > 3 * chance, f"accuracy {accuracy:.2f} is not well above chance ({chance:.2f})"
     for record, ok in list(zip(records, correct, strict=True))[:12]:  # the one-pass score agrees with real generation
         assert (greedy_answer(model, tokenizer, record) == record.messages[-1]["content"]) == ok
+
+
+CELL = 8  # the patch size: each object is drawn inside one patch, so the patch size fits the objects
+
+
+def write_two_object_set(folder, n: int, seed: int) -> None:
+    """32 px scenes with two objects of different colours and different shapes, each 7 px inside its own
+    8 px patch; one question per scene about one of them: knowing the shapes present is not enough."""
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(n):
+        cells = rng.sample(range((SIZE // CELL) ** 2), 2)
+        colours, shapes = rng.sample(list(COLOURS), 2), rng.sample(SHAPES, 2)
+        objects = tuple(
+            Shape(colour, shape, cell % (SIZE // CELL) * CELL + 3, cell // (SIZE // CELL) * CELL + 3)
+            for colour, shape, cell in zip(colours, shapes, cells, strict=True)
+        )
+        render(Scene(SIZE, 3, objects)).save(folder / "images" / f"{index}.png")
+        asked = rng.choice(objects)
+        question = {"role": "user", "content": f"<image>\nWhat shape is the {asked.colour} object?"}
+        rows.append(
+            {"image": f"images/{index}.png", "messages": [question, {"role": "assistant", "content": asked.shape}]}
+        )
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_cross_attention_learns_which_shape_has_the_named_colour(tmp_path):
+    write_two_object_set(tmp_path / "train", 2000, seed=0)
+    write_two_object_set(tmp_path / "test", 200, seed=1)
+    run = RunConfig.from_dict({
+        "model": {
+            "preset": "apertis-nano", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_experts": 0,
+            "image_encoder": "vit", "image_patch_size": CELL, "image_max_patches": 16, "image_encoder_layers": 1,
+            "cross_attn_every": 1,
+        },
+        "data": {"path": str(tmp_path / "train" / "data.jsonl"), "seq_len": 64, "vocab_size": 262,
+                 "val_fraction": 0.02, "image_augment": False},
+        # The encoder nearly frozen (lr 3e-5): its random patch features keep colour and shape apart while
+        # the language side learns to bind them; trained at 5e-3 too it stayed at the 50% shapes-present answer.
+        "train": {"batch_size": 32, "lr": 5e-3, "encoder_lr_scale": 0.006, "warmup_steps": 10, "max_steps": 600,
+                  "eval_every": 0, "save_every": 0, "log_every": 50, "precision": "fp32"},
+        "out_dir": str(tmp_path / "run"),
+    })  # fmt: skip
+    result = train(run)
+    model, tokenizer = load_bundle(result.bundle_dir)
+    records, _ = load_dataset(tmp_path / "test" / "data.jsonl")
+    accuracy = sum(exact_match(model, tokenizer, records)) / len(records)
+    # Without the image: 1/3. Seeing which two shapes are there without binding them to colours: 1/2.
+    # Measured 0.82-0.91 after these 600 steps depending on the thread count; the issue's goal is 0.9.
+    assert accuracy >= 0.75, f"held-out accuracy {accuracy:.2f}; the prior is 0.33-0.50"

@@ -1,4 +1,4 @@
-"""`apertis bench model|train|vqa [ARGS...]`: the benchmarks in the repository's benchmarks/ folder.
+"""`apertis bench NAME [ARGS...]`: the benchmarks in the repository's benchmarks/ folder.
 
 Arguments after the benchmark name go to it unchanged (`apertis bench train --help` shows its own help).
 """
@@ -14,6 +14,11 @@ BENCHMARKS = {
     "model": "speed and memory of the model presets (benchmarks/model.py)",
     "train": "validation loss reached in a fixed time on tinyshakespeare (benchmarks/train.py)",
     "vqa": "visual Q&A accuracy on generated shapes scenes after a timed run (benchmarks/vqa.py)",
+    "generate": "batched generation and int8 weights against one prompt at a time in fp32 (benchmarks/generate.py)",
+    "looped": "looped depth: 1, 2, 4 loops at equal steps and equal wall clock (benchmarks/looped.py)",
+    "bitnet": "BitNet b1.58 layers against full precision: loss, size, speed (benchmarks/bitnet.py)",
+    "curriculum": "a context-length curriculum against full length throughout (benchmarks/curriculum.py)",
+    "lora": "LoRA against full fine-tuning: trainable parameters, sizes, step time (benchmarks/lora.py)",
 }
 
 

@@ -8,13 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from ..chat_prompt import chat_prompt, with_images
-from .common import (
-    add_sampling_args,
-    generation_config,
-    load_model,
-    load_prompt_image,
-    stream_reply,
-)
+from .common import add_sampling_args, generation_config, stream_reply
+from .generate import add_inference_args, load_for_inference, prompt_image
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="a model bundle (or checkpoint) folder")
     parser.add_argument("--system", metavar="TEXT", default="", help="a system message that opens the conversation")
-    parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    add_inference_args(parser)
     add_sampling_args(parser)
     parser.set_defaults(run=run)
 
@@ -64,7 +59,7 @@ class Conversation:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_for_inference(args)
     config = generation_config(args, stop_ids=[tokenizer.eot_id])
     return chat_loop(model, tokenizer, config, sys.stdin, sys.stdout, system=args.system, device=args.device)
 
@@ -76,7 +71,12 @@ def chat_loop(model, tokenizer, config, stdin: TextIO, out: TextIO, system: str 
             import readline  # noqa: F401  (line editing and history for input(), where available)
         except ImportError:
             pass
-    print(f"Chatting with {model.config.preset} ({model.num_parameters():,} parameters). {HELP}", file=out)
+    from ..quantize import quantization_of
+
+    weights = f"{model.num_parameters():,} parameters, " + (
+        "int8 weights" if quantization_of(model) == "int8" else str(model.norm.weight.dtype).removeprefix("torch.")
+    )
+    print(f"Chatting with {model.config.preset} ({weights}). {HELP}", file=out)
     conversation = Conversation(system=system)
     pending: list[torch.Tensor] = []  # images attached to the next user message
     while True:
@@ -105,7 +105,7 @@ def chat_loop(model, tokenizer, config, stdin: TextIO, out: TextIO, system: str 
                 try:
                     if not rest:
                         raise ValueError("/image needs a file path: /image photo.png")
-                    pending.append(load_prompt_image(model, rest).to(device))
+                    pending.append(prompt_image(model, rest, device))
                     print(f"(image attached to your next message: {rest})", file=out)
                 except (ValueError, OSError) as error:
                     print(f"error: {error}", file=out)

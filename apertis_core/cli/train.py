@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_run(run_config, measure=not args.no_plan)
     if resume:
         plan = resumed_plan(plan, resume, args.more)
-    print(f"Run {run_config.out_dir} ({run_config.model.preset})")
+    print(f"Run {run_config.out_dir} ({model_words(run_config)})")
     if resume:
         print(f"Resuming from {resume}" + (f" for {args.more} more steps" if args.more else ""))
     print(plan.to_text(), flush=True)
@@ -114,16 +114,28 @@ def read_run_config(path: Path, overrides: list[str]) -> RunConfig:
 
 def check_memory(run_config: RunConfig, resume: str | None) -> None:
     """Refuse a run whose model is absurd or will not fit in free memory, before anything is built. A resumed
-    run trains its checkpoint's model, so that is the one sized."""
+    run trains its checkpoint's model, a fine-tune its base bundle's, so that is the one sized."""
+    from ..bundle import read_model_config
     from ..sizing import check_run
+    from ..training.build import planned_model_config, start_bundle
+    from ..training.checkpoint import resolve_checkpoint
 
     model = None
     if resume:
-        from ..bundle import read_model_config
-        from ..training.checkpoint import resolve_checkpoint
-
         model = read_model_config(resolve_checkpoint(resume) / "config.json")
+    elif start_bundle(run_config):
+        model = planned_model_config(run_config)
     check_run(run_config, model)
+
+
+def model_words(run_config: RunConfig) -> str:
+    """What the run trains, for its first line: a preset, or the bundle it fine-tunes and how."""
+    from ..training.build import start_bundle, uses_lora
+
+    base, tune = start_bundle(run_config), run_config.finetune
+    if not base:
+        return run_config.model.preset
+    return f"fine-tuning {base}: " + (f"LoRA rank {tune.rank}" if uses_lora(run_config) else "all weights")
 
 
 def resumed_plan(plan, resume: str, more: int):

@@ -18,6 +18,10 @@ class DataConfig:
     vocab_size: int = 4096  # size of the tokenizer trained on the data (<= 262 gives a byte-level one)
     tokenizer: str = ""  # an existing tokenizer.json (or bundle folder) to reuse; "" trains one on the data
     image_augment: bool = True  # small random brightness/contrast/saturation changes; never hue or flips
+    # Easy samples first: for this many epochs the loader draws from a share of the training samples that grows
+    # from their first tenth, in file order, to all of them; 0 = shuffled from the start. For data that lists
+    # easy samples first (generate_shapes(curriculum=True): non-relational questions before relational ones).
+    curriculum_epochs: float = 0.0
 
     def __post_init__(self):
         # Checked here so a bad YAML value fails at load time, naming the key, not deep inside training.
@@ -27,5 +31,7 @@ class DataConfig:
             raise ConfigError(
                 f"data.val_fraction: must be in [0, 1), got {self.val_fraction} (0.1 keeps 10% for validation)"
             )
+        if self.curriculum_epochs < 0:
+            raise ConfigError(f"data.curriculum_epochs: must be >= 0 (0 = no curriculum), got {self.curriculum_epochs}")
         if self.split not in ("random", "tail"):
             raise ConfigError(f"data.split: {self.split!r} is not one of 'random', 'tail'")

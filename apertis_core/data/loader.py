@@ -8,12 +8,18 @@ with exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..configio import ConfigError
+
+# A curriculum's first draws come from the first tenth of the samples, not from a handful that would be
+# memorised; the share then grows linearly to all of them (competence-based curriculum, Platanios et al. 2019).
+CURRICULUM_START = 0.1
+_DRAW_BLOCK = 4096  # curriculum draws are made this many at a time, each block from its own seed
 
 
 @dataclass
@@ -48,6 +54,9 @@ class BatchLoader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._consumed = 0  # samples of the global stream taken so far, by all ranks
+        # The stream starts with this many easy-first draws (TokenDataset.curriculum_samples, from DataConfig).
+        self.curriculum = getattr(dataset, "curriculum_samples", 0)
+        self._draw_block, self._draws = -1, []
         self._order_epoch, self._order = -1, []
 
     @property
@@ -70,28 +79,49 @@ class BatchLoader:
         )
 
     def state_dict(self) -> dict:
-        return {"consumed": self._consumed, "seed": self.seed, "dataset_size": len(self.dataset)}
+        return {
+            "consumed": self._consumed,
+            "seed": self.seed,
+            "dataset_size": len(self.dataset),
+            "curriculum_samples": self.curriculum,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` (from `state_dict`); the seed and dataset size must match for an exact resume."""
-        expected = {"seed": self.seed, "dataset_size": len(self.dataset)}
+        """Continue from `state` (from `state_dict`); seed, dataset size and curriculum must match for an exact resume."""
+        state = {"curriculum_samples": 0, **state}  # checkpoints from before the curriculum had none
+        expected = {"seed": self.seed, "dataset_size": len(self.dataset), "curriculum_samples": self.curriculum}
         changed = [f"{k} {state.get(k)} -> {v}" for k, v in expected.items() if state.get(k) != v]
         if changed:
             raise ConfigError(
                 f"cannot resume the data position: {', '.join(changed)} since the checkpoint. "
-                "Resume with the same data and data.seed, or start a new run."
+                "Resume with the same data, data.seed and data.curriculum_epochs, or start a new run."
             )
         self._consumed = int(state["consumed"])
 
     def _index(self, k: int) -> int:
-        """Dataset index of the k-th sample of the global stream."""
-        epoch, position = divmod(k, len(self.dataset))
+        """Dataset index of the k-th sample of the global stream: the curriculum's draws, then epoch after epoch."""
+        if k < self.curriculum:
+            return self._curriculum_index(k)
+        epoch, position = divmod(k - self.curriculum, len(self.dataset))
         if epoch != self._order_epoch:
             self._order_epoch, self._order = epoch, _epoch_order(len(self.dataset), self.seed, epoch).tolist()
         return self._order[position]
 
+    def _curriculum_index(self, k: int) -> int:
+        """A uniform draw among the first samples in data order; their share grows with k from CURRICULUM_START."""
+        n = len(self.dataset)
+        share = CURRICULUM_START + (1 - CURRICULUM_START) * k / self.curriculum
+        block, offset = divmod(k, _DRAW_BLOCK)
+        if block != self._draw_block:
+            draws = torch.rand(_DRAW_BLOCK, generator=_generator(f"{self.seed}:curriculum:{block}"))
+            self._draw_block, self._draws = block, draws.tolist()
+        return min(int(self._draws[offset] * math.ceil(share * n)), n - 1)
+
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    # Hashing (seed, epoch) gives every pair its own unrelated generator seed.
-    key = int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
-    return torch.randperm(n, generator=torch.Generator().manual_seed(key))
+    return torch.randperm(n, generator=_generator(f"{seed}:{epoch}"))
+
+
+def _generator(key: str) -> torch.Generator:
+    # Hashing the key (seed, epoch or block) gives each its own unrelated generator seed.
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))

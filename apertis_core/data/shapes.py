@@ -164,7 +164,8 @@ def _conversation_record(image: str, asked: list[Question]) -> dict:
     for index, q in enumerate(asked):
         question = with_images(q.question, 1) if index == 0 else q.question
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": q.answer}]
-    return {"image": image, "messages": turns, "kind": "conversation"}
+    kinds = {q.kind for q in asked}
+    return {"image": image, "messages": turns, "kind": kinds.pop() if len(kinds) == 1 else "conversation"}
 
 
 def generate_shapes(
@@ -176,6 +177,7 @@ def generate_shapes(
     questions_per_kind: int = 10,
     n_objects: int = 6,
     conversations: bool = False,
+    curriculum: bool = False,
 ) -> dict:
     """Write images/NNNNNN.png, train.jsonl, test.jsonl and summary.json under out_dir; return the summary.
 
@@ -184,7 +186,9 @@ def generate_shapes(
     relational questions (sampled without repeats); train.jsonl also has one caption record per scene.
     With `conversations`, train.jsonl asks each scene's questions in one multi-turn chat instead of one
     record each: the image is then encoded once for all of them, which makes training several times
-    cheaper. test.jsonl always has one question per record, for scoring.
+    cheaper. test.jsonl always has one question per record, for scoring. With `curriculum`, train.jsonl lists
+    the easy records first (captions and non-relational questions of every scene), then the relational ones
+    (a conversation asks one kind only), for a loader that starts on the first ones (data.curriculum_epochs).
     """
     if n < 1 or not 0.0 <= heldout_fraction < 1.0 or questions_per_kind < 0:
         raise ValueError("need n >= 1, 0 <= heldout_fraction < 1 and questions_per_kind >= 0")
@@ -193,6 +197,7 @@ def generate_shapes(
     rng = random.Random(seed)
     n_test = round(n * heldout_fraction)
     lines: dict[str, list[str]] = {"train": [], "test": []}
+    hard: list[str] = []  # with a curriculum: the relational records, listed after all the easy ones
     for index in range(n):
         scene = make_scene(rng, image_size, n_objects)
         image = f"images/{index:06d}.png"
@@ -202,16 +207,22 @@ def generate_shapes(
         asked = _sample(rng, questions(scene), questions_per_kind)
         if conversations and split == "train":
             rng.shuffle(asked)  # relational and non-relational questions mixed, in any order
-            records = [_conversation_record(image, asked)]
+            groups = [[q for q in asked if q.kind == kind] for kind in ("nonrel", "rel")] if curriculum else [asked]
+            records = [_conversation_record(image, group) for group in groups if group]
         else:
             records = [_question_record(image, q) for q in asked]
         if split == "train":
             records.insert(0, {"image": image, "text": caption(scene), "kind": "caption"})
+        if curriculum and split == "train":
+            hard += [json.dumps(r) for r in records if r["kind"] == "rel"]
+            records = [r for r in records if r["kind"] != "rel"]
         lines[split] += [json.dumps(r) for r in records]
+    lines["train"] += hard
     for split, rows in lines.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(row + "\n" for row in rows))
     summary = {
         "seed": seed, "image_size": image_size, "n_objects": n_objects, "conversations": conversations,
+        "curriculum": curriculum,
         "scenes": {"train": n - n_test, "test": n_test},
         "records": {split: len(rows) for split, rows in lines.items()},
         "files": {"train": "train.jsonl", "test": "test.jsonl"},  # relative to out_dir

@@ -37,6 +37,10 @@ class ModelConfig:
     # apertis-nano took 0.94x / 1.00x / 0.98x the time of 64 at T 128 / 256 / 1024 on a 2-core CPU.
     sla_chunk_size: int = 32
     sla_conv_size: int = 4  # short causal depthwise conv on q/k/v (0 = off); sharpens local patterns
+    # What runs SLA, its conv and STRC (docs/KERNELS.md): "auto" = fla-core's Triton kernels on CUDA when
+    # installed, else PyTorch; "torch"; "fla" (an error where it cannot run). Same weights either way;
+    # the environment variable APERTIS_KERNELS, when set, overrides it.
+    kernels: Literal["auto", "torch", "fla"] = "auto"
 
     # Softmax attention
     rope_theta: float = 10000.0  # RoPE base frequency
@@ -73,12 +77,34 @@ class ModelConfig:
     image_encoder_width: int = 0  # ViT width; 0 means d_model
     image_pretrained: bool = False  # torchvision backbones: load ImageNet weights if already cached
     image_token_id: int = -1  # the tokenizer's <image> id; image patch embeddings replace these positions
+    # ViT patch positions: learned row and column tables, 2-D RoPE in the encoder's attention, or none.
+    image_pos: Literal["learned2d", "rope2d", "none"] = "learned2d"
+    # Gated cross-attention from every position to the patches of the images at or before it, in every Nth
+    # layer counting from the last (0 = off): a linear-attention model re-reads the picture once it knows the
+    # question instead of relying on what its fixed-size state kept.
+    cross_attn_every: int = 0
+    # Start of each cross-attention layer's tanh gate. 0 starts as a no-op (Flamingo, for adding it to a
+    # trained model); 1 learned the two-object test in 600 steps where 0 was at 58% (docs/MULTIMODAL.md).
+    cross_attn_gate_init: float = 1.0
+
+    # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
+    # small confidence head decides per token whether another pass is needed. Off (1): it did not pay at nano scale.
+    max_loops: int = 1  # passes of the looped group; 1 = off
+    loop_blocks: str = ""  # the looped group as "first-last" block indices (0-based, inclusive) or one index; "" = all
+    loop_halt_threshold: float = 0.5  # inference: another pass only where its predicted chance of helping is above this
+    loop_halt_margin: float = 0.02  # training: a pass "helps" a token when a later exit's loss is lower by this (nats)
+    loop_confidence_coef: float = 0.1  # weight of the confidence head's binary cross-entropy in out.aux_loss
+    loop_exit_coef: float = 1.0  # weight of the earlier passes' LM loss in out.aux_loss, so early stops predict well
 
     # Embeddings, norms and init
     tie_embeddings: bool = True  # share input embedding and output head (fewer parameters)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of weight init; residual output projections get std / sqrt(2 * n_layers)
     dropout: float = 0.0  # dropout on the residual branches during training
+    # BitNet b1.58 (docs/BITNET.md): block linears train with ternary weights and 8-bit inputs, for 2-bit
+    # weights on export (`apertis export --format bitnet`, 12x smaller bundles). Off: bundles saved before it
+    # existed are full precision, and it is measured only at nano scale (where it matched fp32 val loss).
+    bitnet: bool = False
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -146,7 +172,23 @@ class ModelConfig:
             (lambda: 0.0 < self.moe_threshold <= 1.0, "moe_threshold must be in (0, 1]"),
             (lambda: self.moe_every >= 1 and self.strc_every >= 0, "moe_every must be >= 1 and strc_every >= 0"),
             (lambda: self.sliding_window >= 0, "sliding_window must be >= 0"),
+            (
+                lambda: self.cross_attn_every == 0 or (self.cross_attn_every > 0 and self.image_encoder != "none"),
+                "cross_attn_every must be >= 0, and above 0 only with an image encoder (it reads image patches)",
+            ),
             (lambda: all(0 <= i < self.n_layers for i in self.nope_layers), "nope_layers must index existing layers"),
+            (lambda: 1 <= self.max_loops <= 64, "max_loops must be between 1 (off) and 64"),
+            (lambda: len(self.loop_group()) > 0, "loop_blocks must name at least one block"),  # parses it
+            (lambda: 0.0 <= self.loop_halt_threshold <= 1.0, "loop_halt_threshold must be in [0, 1]"),
+            (
+                lambda: min(self.loop_halt_margin, self.loop_confidence_coef, self.loop_exit_coef) >= 0,
+                "loop_halt_margin, loop_confidence_coef and loop_exit_coef must be >= 0",
+            ),
+            (
+                lambda: self.max_loops == 1 or not any(self.uses_cross_attn(i) for i in self.loop_group()),
+                "loop_blocks must not include a cross-attention layer (it reads images by sequence position, which a "
+                "looped pass over the still-running tokens changes); loop other blocks or set cross_attn_every",
+            ),
         ]
         for ok, message in checks:
             if not ok():
@@ -174,6 +216,27 @@ class ModelConfig:
 
     def uses_strc(self, layer: int) -> bool:
         return self.strc_every > 0 and (self.n_layers - 1 - layer) % self.strc_every == 0
+
+    def uses_cross_attn(self, layer: int) -> bool:
+        return self.cross_attn_every > 0 and (self.n_layers - 1 - layer) % self.cross_attn_every == 0
+
+    def loop_group(self) -> range:
+        """The blocks that looped depth repeats: loop_blocks parsed, every block when it is empty."""
+        text = self.loop_blocks.strip()
+        first, _, last = text.partition("-")
+        try:
+            group = range(int(first), int(last or first) + 1) if text else range(self.n_layers)
+        except ValueError:
+            raise ConfigError(
+                f"model config: loop_blocks {self.loop_blocks!r} must be block indices 'first-last' (e.g. '1-2'), "
+                "one index, or empty for every block"
+            ) from None
+        if not 0 <= group.start < group.stop <= self.n_layers:
+            raise ConfigError(
+                f"model config: loop_blocks {self.loop_blocks!r} must be 'first-last' with first <= last, "
+                f"within blocks 0-{self.n_layers - 1}"
+            )
+        return group
 
     def strc_width(self) -> int:
         return self.strc_hidden or self.d_model

@@ -51,6 +51,10 @@ def _grouped_mm_applies(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16
 
 
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class AdaptiveExpertSystem(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,6 +75,9 @@ class AdaptiveExpertSystem(nn.Module):
             GatedFFN(cfg.d_model, width * cfg.n_shared_experts, cfg.ffn_type) if cfg.n_shared_experts else None
         )
         self.dispatch: str | None = None  # "loop" or "grouped" (DISPATCHES); None: the device's choice
+        # What the expert matmuls see of the weight stacks and their inputs; BitNet (bitnet.use_bitlinear)
+        # swaps in its ternary-weight and int8-input quantisers. The router always sees x as it is.
+        self.quantise_weight = self.quantise_input = _unchanged
         self.register_buffer("last_utilisation", torch.zeros(cfg.n_experts), persistent=False)
         self.register_buffer("last_experts_per_token", torch.zeros(()), persistent=False)
 
@@ -107,7 +114,7 @@ class AdaptiveExpertSystem(nn.Module):
             counts = self._count(slot_expert, None)
         order = slot_expert.argsort(stable=True)
         token_of_slot, slot_weight = token_of_slot[order], slot_weight[order]
-        inputs = flat[token_of_slot]  # (M, D), grouped by expert
+        inputs = self.quantise_input(flat)[token_of_slot]  # (M, D), grouped by expert
         if grouped:
             outputs = self._experts_grouped(inputs, counts, slot_weight)
         else:
@@ -126,7 +133,7 @@ class AdaptiveExpertSystem(nn.Module):
         slots' routing weights (folded into the hidden activations, which are narrower than the output)."""
         # One unbind per weight, not an index per expert: an index gives the weight a full-size zero
         # gradient per expert in backward (E fills and adds of the whole tensor); unbind stacks once.
-        gate_up, down = self.gate_up.to(inputs.dtype).unbind(0), self.down.to(inputs.dtype).unbind(0)
+        gate_up, down = (self.quantise_weight(w).to(inputs.dtype).unbind(0) for w in (self.gate_up, self.down))
         sizes = counts.tolist()
         scale = slot_weight[:, None].to(inputs.dtype).split(sizes)
         pieces = []
@@ -135,7 +142,7 @@ class AdaptiveExpertSystem(nn.Module):
             if chunk.shape[0] == 0:
                 continue
             gate, up = (chunk @ gate_up[expert]).chunk(2, dim=-1)
-            pieces.append((self.activation(gate) * up * scale[expert]) @ down[expert])
+            pieces.append(self.quantise_input(self.activation(gate) * up * scale[expert]) @ down[expert])
         if not pieces:
             return inputs.new_zeros(0, self.down.shape[-1])
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
@@ -151,7 +158,7 @@ class AdaptiveExpertSystem(nn.Module):
         inputs = inputs.to(dtype)
         width = self.down.shape[1]
         pad = -width % 8
-        gate_up, down = self.gate_up.to(dtype), self.down.to(dtype)
+        gate_up, down = self.quantise_weight(self.gate_up).to(dtype), self.quantise_weight(self.down).to(dtype)
         if pad:
             gate, up = gate_up.chunk(2, dim=-1)  # (E, D, W) each
             gate_up = torch.cat([F.pad(gate, (0, pad)), F.pad(up, (0, pad))], dim=-1)  # (E, D, 2 (W + pad))
@@ -160,33 +167,35 @@ class AdaptiveExpertSystem(nn.Module):
         hidden = grouped_mm(inputs, gate_up, offs=offsets)  # (M, 2 (W + pad))
         gate, up = hidden.chunk(2, dim=-1)
         scaled = self.activation(gate) * up * slot_weight[:, None].to(dtype)
-        return grouped_mm(scaled, down, offs=offsets)  # (M, D)
+        return grouped_mm(self.quantise_input(scaled), down, offs=offsets)  # (M, D)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, D) for a few tokens (generation) -> y (N, D): each token through its own experts, no
         sorting, no statistics, no auxiliary loss. With the "loop" dispatch the experts are picked by index
         on the host; with "grouped" their weights are gathered on the device (no host sync, so the step
-        can be graphed)."""
+        can be graphed). By default a CPU loops and every other device gathers, whatever the dtype."""
         if x.shape[0] * self.top_k > self.n_experts:  # a wide batch: the sorted dispatch is cheaper
             return self.forward(x)[0]
         probs = self.router(x).float().softmax(-1)  # (N, E); no router noise: this is inference
         weights, experts = route(probs, self.top_k, self.routing, self.threshold)  # (N, k)
-        if (self.dispatch or ("grouped" if _grouped_mm_applies(x) else "loop")) == "loop":
+        inputs = self.quantise_input(x)
+        all_gate_up, all_down = self.quantise_weight(self.gate_up), self.quantise_weight(self.down)
+        if (self.dispatch or ("loop" if x.device.type == "cpu" else "grouped")) == "loop":
             rows = []
             for token, chosen in enumerate(experts.tolist()):
-                row, out = x[token : token + 1], None
+                row, out = inputs[token : token + 1], None
                 for slot, expert in enumerate(chosen):
-                    gate, up = (row @ self.gate_up[expert].to(x.dtype)).chunk(2, dim=-1)
+                    gate, up = (row @ all_gate_up[expert].to(x.dtype)).chunk(2, dim=-1)
                     hidden = self.activation(gate) * up * weights[token, slot].to(x.dtype)
-                    term = hidden @ self.down[expert].to(x.dtype)
+                    term = self.quantise_input(hidden) @ all_down[expert].to(x.dtype)
                     out = term if out is None else out + term
                 rows.append(out)
             routed = torch.cat(rows) if len(rows) > 1 else rows[0]
         else:
-            gate_up = self.gate_up[experts].to(x.dtype)  # (N, k, D, 2W)
-            gate, up = (x[:, None, None, :] @ gate_up).chunk(2, dim=-1)  # (N, k, 1, W)
+            gate_up = all_gate_up[experts].to(x.dtype)  # (N, k, D, 2W)
+            gate, up = (inputs[:, None, None, :] @ gate_up).chunk(2, dim=-1)  # (N, k, 1, W)
             hidden = self.activation(gate) * up * weights[..., None, None].to(x.dtype)
-            routed = (hidden @ self.down[experts].to(x.dtype)).sum(1)[:, 0]  # (N, D)
+            routed = (self.quantise_input(hidden) @ all_down[experts].to(x.dtype)).sum(1)[:, 0]  # (N, D)
         if self.shared is not None:
             routed = routed + self.shared(x)
         return routed

@@ -9,7 +9,8 @@ Generation uses `recurrent_step` with a constant-size state; both give the same 
 The layer's training path is one autograd Function from the input projection's output to the output
 projection's input (`_SelectiveAttentionLayer`: conv, gates, norms and the chunked core with hand-written
 backwards), so autograd sees a handful of nodes instead of about sixty. Every path is tested against the
-plain references in `naive.py` (tests/test_sla_reference.py).
+plain references in `naive.py` (tests/test_sla_reference.py). On CUDA with fla-core installed the same
+layer runs on fla's Triton kernels instead (`kernels.py`; the model's `kernels` field decides).
 
 Numerics: cumulative log-decays and states are fp32; every exponent is a difference that is <= 0, and
 masking happens before exponentiating, so nothing overflows however long the sequence.
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 from .layers import CausalDepthwiseConv, l2_normalize, mark_residual_output, updatable_in_place
 
@@ -558,6 +560,11 @@ class SelectiveLinearAttention(nn.Module):
         self.out_proj = mark_residual_output(nn.Linear(inner, cfg.d_model, bias=False))
         self.eps = cfg.norm_eps
         self.scan: str | None = None  # the chunk-to-chunk scan (sla.SCANS); None: the device's choice
+        self.kernels = cfg.kernels  # PyTorch's path or fla-core's kernels (kernels.use_fla)
+
+    def log_decay(self, decay_in: torch.Tensor) -> torch.Tensor:
+        """Decay inputs (..., H) -> per-head log-decays -exp(A_log) softplus(decay_in + dt_bias) <= 0, fp32."""
+        return -self.A_log.float().exp() * F.softplus(decay_in.float() + self.dt_bias.float())
 
     def init_state(self, batch_size: int, device, dtype) -> dict:
         state = {"S": torch.zeros(batch_size, self.heads, self.head_dim, self.head_dim, device=device)}
@@ -567,7 +574,8 @@ class SelectiveLinearAttention(nn.Module):
 
     def _spec(self, device: torch.device) -> _LayerSpec:
         autocast = torch.is_autocast_enabled(device.type)
-        compute = torch.get_autocast_dtype(device.type) if autocast else self.in_proj.weight.dtype
+        # the norm weight, not in_proj's: that may be int8 (quantize.py) while the layer computes in float
+        compute = torch.get_autocast_dtype(device.type) if autocast else self.out_norm_weight.dtype
         return _LayerSpec(
             self.heads, self.head_dim, self.chunk_size, self.eps, compute, self.scan or default_scan(device)
         )
@@ -575,6 +583,9 @@ class SelectiveLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         """x: (B, T, D). With a state, continue from it and return the updated one."""
         projected = self.in_proj(x)  # (B, T, 4I + H)
+        if kernels.use_fla(self.kernels, projected, self.head_dim):
+            gated, new_state = kernels.sla_layer(self, projected, state)
+            return self.out_proj(gated), new_state
         history = state.get("conv") if state is not None else None
         conv_weight = self.conv.weight if self.conv is not None else None
         gated, final, new_history = _apply(
@@ -603,7 +614,7 @@ class SelectiveLinearAttention(nn.Module):
             qkv, new_state["conv"] = self.conv.step(qkv, state["conv"])
         qkv = F.silu(qkv).unflatten(-1, (3, self.heads, self.head_dim))  # (B, 3, H, Dh)
         qk = l2_normalize(qkv[:, :2])
-        log_decay = -self.A_log.float().exp() * F.softplus(decay_in.float() + self.dt_bias.float())  # (B, H)
-        out, new_state["S"] = recurrent_step(qk[:, 0], qk[:, 1], qkv[:, 2], log_decay, state["S"])
+        step = kernels.sla_step if kernels.use_fla(self.kernels, x, self.head_dim) else recurrent_step
+        out, new_state["S"] = step(qk[:, 0], qk[:, 1], qkv[:, 2], self.log_decay(decay_in), state["S"])
         out = F.rms_norm(out, (self.head_dim,), self.out_norm_weight.to(out.dtype), self.eps)
         return self.out_proj(out.flatten(-2) * F.silu(gate)), new_state

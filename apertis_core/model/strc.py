@@ -6,7 +6,8 @@ space as a chunked scan (a loop inside chunks of about sqrt(T) steps, all chunks
 across chunks): every product stays in (0, 1), so nothing overflows, and it costs O(T) work in about
 2 sqrt(T) small ops, where the former log-space form spent most of the layer's time in `logcumsumexp`.
 Gates, scan and output gate are one autograd Function with a hand-written backward (a reverse scan).
-Generation steps it in O(1) with a state of fixed width.
+Generation steps it in O(1) with a state of fixed width. On CUDA with fla-core installed the scan runs on
+fla's HGRN kernels instead (`_fla_recurrence`, `kernels.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 from .layers import mark_residual_output, updatable_in_place
 
@@ -151,19 +153,31 @@ def _apply(projected, h0):
     return _GatedRecurrence.apply(projected, h0)
 
 
+def _fla_recurrence(projected: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gated_recurrence` on fla's HGRN kernels: h_t = (1 - z_t) h_{t-1} + z_t g(c_t) is HGRN's
+    h_t = exp(a_t) h_{t-1} + x_t with x_t = z_t g(c_t) and a_t = log(1 - sigmoid(u_t)) = -softplus(u_t)."""
+    z, positive, out_gate = _gates(projected)
+    log_keep = -F.softplus(projected[..., : z.shape[-1]].float())  # smooth where log(1 - z) is not, at z = 1
+    h, last = kernels.hgrn(z * positive, log_keep, h0)
+    return F.silu(out_gate) * h, last
+
+
 class StateTrackingCell(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.width = cfg.strc_width()
         self.in_proj = nn.Linear(cfg.d_model, 3 * self.width, bias=False)  # update gate, candidate, output gate
         self.out_proj = mark_residual_output(nn.Linear(self.width, cfg.d_model, bias=False))
+        self.kernels = cfg.kernels  # PyTorch's scan or fla-core's HGRN kernels (kernels.use_fla)
 
     def init_state(self, batch_size: int, device, dtype) -> dict:
         return {"h": torch.zeros(batch_size, self.width, device=device)}
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         with torch.autocast(x.device.type, enabled=False):  # gates and state in fp32
-            gated, last = gated_recurrence(self.in_proj(x.float()), state["h"] if state is not None else None)
+            projected = self.in_proj(x.float())
+            recurrence = _fla_recurrence if kernels.use_fla(self.kernels, projected) else gated_recurrence
+            gated, last = recurrence(projected, state["h"] if state is not None else None)
         return self.out_proj(gated.to(x.dtype)), ({"h": last} if state is not None else None)
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:

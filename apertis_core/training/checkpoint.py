@@ -2,8 +2,10 @@
 
 A checkpoint is a model folder (model.safetensors, config.json, tokenizer.json, so it loads like a bundle)
 plus `trainer_state.pt` (optimizer, schedule, RNG and data position: what an exact resume needs) and
-`meta.json` (step and losses, for people and the studio). trainer_state.pt holds only tensors and plain
-Python values, and is read with `torch.load(weights_only=True)`, which refuses arbitrary pickles.
+`meta.json` (step and losses, for people and the studio); an FSDP run's also keeps its weights and optimizer
+state split per rank in `shards/` (fsdp.py), which is what it resumes from. trainer_state.pt holds only
+tensors and plain Python values, and is read with `torch.load(weights_only=True)`, which refuses arbitrary
+pickles.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..fileio import atomic_write_text
 from ..tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
+SHARDS_DIR = "shards"  # FSDP runs: each rank's part of the weights and optimizer state (fsdp.py)
 BEST_MARKER = "best.json"  # {"step", "val_loss", "checkpoint"}: names the best folder instead of copying it
 
 
@@ -30,13 +33,22 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: nn.Module, tokenizer: Tokenizer, state: dict[str, Any], meta: dict[str, Any]
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    shards: Path | None = None,
 ) -> Path:
-    """Write checkpoints/step_NNNNNNN/ in one rename: a crash mid-write leaves earlier checkpoints intact."""
+    """Write checkpoints/step_NNNNNNN/ in one rename: a crash mid-write leaves earlier checkpoints intact.
+    `shards` is a folder the ranks of an FSDP run wrote (fsdp.write_shards); it becomes shards/."""
     target = checkpoint_dir(run_dir, step)
     with atomic_directory(target) as tmp:
         write_model_files(tmp, model, tokenizer)
         torch.save(state, tmp / STATE_FILE)  # inside the temporary folder, so the folder rename covers it
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS_DIR)
         atomic_write_text(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=2) + "\n")
     return target
 

@@ -22,6 +22,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches summed per optimizer step (a larger batch without the memory)
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    # The image encoder and projector train at lr times this (a from-scratch encoder may want its own pace).
+    encoder_lr_scale: float = 1.0
     weight_decay: float = 0.1  # AdamW decay, applied to weight matrices only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments; 0.95 reacts faster than 0.999 on small data
     warmup_steps: int = 100  # linear ramp from ~0 to lr; avoids early instability of Adam's estimates
@@ -39,11 +41,19 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept besides the best one
     seed: int = 1337  # model init, data order and dropout
     compile: bool = False  # torch.compile the model: faster steps on GPU after a slow first step
+    # How torchrun's processes share the work: ddp keeps the whole model, its gradients and Adam moments on
+    # every device; fsdp splits all three over the processes (FSDP2), for models that do not fit one device.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    gpus: Literal["one", "all"] = "one"  # studio runs: "all" trains on every GPU here, one torchrun process each
     threads: int = 0  # CPU threads for PyTorch (0 = PyTorch's default)
     sample_every: int = 0  # steps between sample generations from sample_prompts (0 = off)
     sample_prompts: list[str] = field(default_factory=list)  # fixed probe prompts: a timeline of outputs
     sample_tokens: int = 48  # tokens generated per sample prompt
     rewarm_fraction: float = 0.5  # "train N more": the extension re-warms to this fraction of lr
+    # Context-length curriculum: start on windows this many tokens long (halved from data.seq_len down to
+    # it), doubling on a schedule; 0 trains at data.seq_len throughout. Tokens per step stay the same.
+    seq_len_start: int = 0
+    seq_len_warmup: float = 0.3  # share of the steps spent below the full length when seq_len_start > 0
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (pip install tensorboard)
 
     def __post_init__(self) -> None:
@@ -58,6 +68,12 @@ class TrainConfig:
             ),
             (self.keep_last >= 1, "keep_last must be at least 1 (resume needs the latest checkpoint)"),
             (0 < self.rewarm_fraction <= 1, "rewarm_fraction must be in (0, 1]"),
+            (self.gpus == "one" or self.device in ("auto", "cuda"), "gpus=all needs device auto or cuda"),
+            (self.encoder_lr_scale > 0, "encoder_lr_scale must be positive"),
+            (
+                self.seq_len_start >= 0 and 0 < self.seq_len_warmup < 1,
+                "seq_len_start must be >= 0 and seq_len_warmup in (0, 1)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,6 +81,35 @@ class TrainConfig:
 
     def tokens_per_step(self, seq_len: int, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * seq_len * world_size
+
+
+MAX_LORA_RANK = 4096  # far above any useful rank; a typo like 80000 is refused before adapters are built
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning an existing bundle (docs/FINETUNE.md); inactive while `base` is empty."""
+
+    base: str = ""  # bundle to start from (trained, imported or the demo): its architecture, tokenizer, weights
+    method: Literal["lora", "full"] = "lora"  # lora: train small adapters (peft), the base frozen; full: every weight
+    rank: int = 8  # LoRA rank r: the adapters' width; higher learns more and costs more
+    alpha: float = 16.0  # LoRA scale: an adapter's update is multiplied by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (regularises small data sets)
+    # Linear layers that get adapters, by name or dotted suffix (in_proj, qkv, out_proj, gate_up, down, router,
+    # mixer.in_proj...). Empty: every mixer and FFN projection of the language model.
+    target_modules: list[str] = field(default_factory=list)
+    merge_on_export: bool = True  # final/ also holds the plain model with the adapters folded in (loads anywhere)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.rank <= MAX_LORA_RANK, f"rank must be in [1, {MAX_LORA_RANK}]"),
+            (self.alpha > 0, "alpha must be positive"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (all(isinstance(n, str) and n.strip(".") for n in self.target_modules), "target_modules must be names"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"finetune: {message}")
 
 
 def _default_model() -> ModelConfig:
@@ -81,6 +126,19 @@ class RunConfig:
     # A model bundle whose architecture, tokenizer and weights this run starts from (fine-tuning, e.g. an
     # imported Llama); `model` and the tokenizer settings are then not used. Empty: a new model from `model`.
     init_from: str = ""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tune a bundle, with LoRA or fully
+
+    def __post_init__(self) -> None:
+        if self.init_from and self.finetune.base:
+            raise ConfigError(
+                "init_from and finetune.base both name a starting bundle; keep finetune.base "
+                "(init_from is the same as finetune.base with finetune.method=full)"
+            )
+        if self.train.parallel == "fsdp" and self.finetune.base and self.finetune.method == "lora":
+            raise ConfigError(
+                "train.parallel=fsdp shards full training; LoRA adapters and their optimizer state are small "
+                "enough for every process to keep, so use train.parallel=ddp (or finetune.method=full)"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

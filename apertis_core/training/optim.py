@@ -1,4 +1,5 @@
-"""AdamW with weight decay only on matrices: norms, biases and embeddings are left undecayed."""
+"""AdamW with weight decay only on matrices (norms, biases and embeddings undecayed), and optionally a
+learning rate of its own for the image encoder and projector."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import torch
 import torch.nn as nn
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, encoder_lr_scale: float = 1.0) -> list[dict]:
     """Decay 2-D+ weights of linear maps; not gains, biases or embedding tables.
 
     Decaying norm gains and biases pulls them towards 0 rather than towards their neutral values, and
     embedding rows of rare tokens would shrink between their infrequent updates. A tied output head
-    shares the embedding tensor, so it is not decayed either.
+    shares the embedding tensor, so it is not decayed either. With `encoder_lr_scale` != 1 the image
+    encoder's parameters (`model.vision`, projector included) form groups of their own whose `lr_scale`
+    multiplies the scheduled learning rate (ScaledAdamW); otherwise the two groups are as they always were.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
@@ -22,15 +25,44 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(param)
         else:
             no_decay.append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    vision = getattr(model, "vision", None)
+    if encoder_lr_scale == 1.0 or vision is None:
+        return groups
+    encoder = {id(p) for p in vision.parameters()}
+    return [
+        {**group, "params": [p for p in group["params"] if (id(p) in encoder) == in_encoder], "lr_scale": scale}
+        for in_encoder, scale in ((False, 1.0), (True, encoder_lr_scale))
+        for group in groups
+    ]
+
+
+class ScaledAdamW(torch.optim.AdamW):
+    """AdamW that multiplies each group's lr (the schedule sets one for all) by its `lr_scale` while stepping."""
+
+    def step(self, closure=None):
+        scheduled = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        try:
+            return super().step(closure)
+        finally:  # the schedule, checkpoints and logs keep seeing the lr they set
+            for group, lr in zip(self.param_groups, scheduled, strict=True):
+                group["lr"] = lr
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device: torch.device,
+    encoder_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) on devices that have the fused implementation."""
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
+    groups = parameter_groups(model, weight_decay, encoder_lr_scale)
+    return ScaledAdamW(groups, lr=lr, betas=tuple(betas), fused=fused)

@@ -22,9 +22,10 @@ from ..data import BatchLoader, TokenDataset, build_datasets, corpus_texts, load
 from ..model import ApertisModel, ModelConfig
 from ..tokenizer import Tokenizer
 from .build import fresh_model_config, image_cache, start_model
-from .checkpoint import latest_checkpoint, load_trainer_state, resolve_checkpoint
+from .checkpoint import SHARDS_DIR, latest_checkpoint, load_trainer_state, resolve_checkpoint
 from .config import RunConfig
 from .distributed import DistContext, wrap_model
+from .fsdp import load_shards
 from .measure import measure_step_seconds
 from .optim import build_optimizer
 from .planning import budget_steps
@@ -69,9 +70,9 @@ def open_session(
     if checkpoint is None and latest_checkpoint(run.out_dir) is not None:
         raise ConfigError(f"{run.out_dir} already holds checkpoints of another run; resume it or choose a new out_dir")
     records, report = load_dataset(run.data.path)
-    base = None if checkpoint else start_model(run)  # a resumed run's weights come from its checkpoint
+    base = start_model(run, checkpoint)  # None when a resumed run's weights are all in its checkpoint
     tokenizer = base[1] if base else _tokenizer(run, ctx, records, checkpoint)
-    if checkpoint:
+    if checkpoint and not base:
         model_config = read_model_config(checkpoint / "config.json")
     else:
         model_config = base[0].config if base else fresh_model_config(run.model, tokenizer)
@@ -80,10 +81,11 @@ def open_session(
     image_tokens = images.file_tokens if images else None
     train_data, val_data = build_datasets(records, tokenizer, run.data, image_tokens)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = (base[0] if base else ApertisModel(model_config)).to(ctx.device)
-    if checkpoint:
+    # Under FSDP the model stays on the CPU until sharded: each rank then moves only its part to the device.
+    model = (base[0] if base else ApertisModel(model_config)).to("cpu" if ctx.sharded else ctx.device)
+    if checkpoint and not base:
         load_weights(checkpoint / "model.safetensors", model)
-    elif model.vision is not None and model_config.image_pretrained:
+    elif not base and model.vision is not None and model_config.image_pretrained:
         model.vision.load_pretrained_backbone()  # from the local torch hub cache only; warns when absent
     precision = resolve_precision(cfg.precision, ctx.device)
     session = Session(
@@ -91,8 +93,9 @@ def open_session(
         precision=precision,
         tokenizer=tokenizer,
         model=model,
-        train_model=wrap_model(torch.compile(model) if cfg.compile else model, ctx, model_config.n_experts > 0),
-        optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, ctx.device),
+        train_model=wrap_model(model, ctx, cfg.compile, precision),
+        # after train_model: FSDP has replaced the parameters by their shards
+        optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, ctx.device, cfg.encoder_lr_scale),
         scaler=precision.grad_scaler(),
         schedule=build_schedule(
             cfg.schedule, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps, cfg.decay_fraction
@@ -174,7 +177,8 @@ def capture_state(session: Session) -> dict[str, Any]:
         "tokens_seen": session.tokens_seen,
         "best_val_loss": session.best_val_loss,
         "schedule": session.schedule.to_dict(),
-        "optimizer": session.optimizer.state_dict(),
+        "optimizer": None if session.ctx.sharded else session.optimizer.state_dict(),  # FSDP: in shards/
+        "sharded": session.ctx.sharded,
         "scaler": session.scaler.state_dict(),
         "loader": session.loader.state_dict(),  # one global position, valid for every rank
         "rng": ranks,
@@ -192,11 +196,20 @@ def restore_state(session: Session, state: dict[str, Any], source: Path) -> None
             f"{source} was written by {state['world_size']} training processes; resume with the same number "
             f"(torchrun --nproc_per_node {state['world_size']}) for an exact continuation"
         )
+    if state.get("sharded", False) != session.ctx.sharded:
+        written, wanted = ("fsdp", "ddp") if state.get("sharded") else ("ddp", "fsdp")
+        raise ConfigError(
+            f"{source} was written with train.parallel={written}; resume it with --set train.parallel={written} "
+            f"(this run has {wanted})"
+        )
     session.step = session.start_step = state["step"]
     session.tokens_seen = state["tokens_seen"]
     session.best_val_loss = state["best_val_loss"]
     session.schedule = LRSchedule.from_dict(state["schedule"])
-    session.optimizer.load_state_dict(state["optimizer"])
+    if session.ctx.sharded:
+        load_shards(session, source / SHARDS_DIR)
+    else:
+        session.optimizer.load_state_dict(state["optimizer"])
     session.scaler.load_state_dict(state["scaler"])
     session.loader.load_state_dict(state["loader"])
     rng = state["rng"][session.ctx.rank]

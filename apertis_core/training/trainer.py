@@ -7,7 +7,6 @@ directory, or a callback's `state.request_stop()`, ends the run after the curren
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +30,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RunConfig
-from .distributed import init_distributed, shutdown_distributed
+from .curriculum import cut_batch, length_at
+from .distributed import gradient_sync, init_distributed, shutdown_distributed
+from .fsdp import full_model, unsharded, write_shards
 from .hardware import peak_flops, pick_device
 from .measure import train_threads
 from .planning import budget_steps
@@ -57,7 +58,7 @@ def train(
     """Train (or resume, or extend by `extra_steps`) the run described by `run_config`."""
     started = time.perf_counter()
     with train_threads(run_config.train):  # the same helper times a plan's steps, so plans use these threads
-        ctx = init_distributed(pick_device(run_config.train.device))
+        ctx = init_distributed(pick_device(run_config.train.device), run_config.train.parallel)
         try:
             board = []  # built before the session so a missing tensorboard package fails fast
             if run_config.train.tensorboard and ctx.is_main:
@@ -150,8 +151,7 @@ class _Loop:
         loss_sum = torch.zeros((), device=ctx.device)
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
-            no_sync = session.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()
-            with no_sync:
+            with gradient_sync(session.train_model, ctx, last):
                 loss_sum += self._micro_step(batch, ctx.world_size / max(targets, 1.0))
         session.scaler.unscale_(session.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -171,13 +171,22 @@ class _Loop:
         session = self.session
         input_ids = batch.input_ids.to(session.ctx.device, non_blocking=True)
         labels = batch.labels.to(session.ctx.device, non_blocking=True)
+        if batch.images is None:  # a picture's patches must stay in one window, so image batches are not cut
+            input_ids, labels = cut_batch(input_ids, labels, self._window_length(session.step))
         images = session.images.batch(batch.images, train=True, device=session.ctx.device) if session.images else None
+        # A looped model trains its earlier exits and its confidence head from the labels (model/looped.py).
+        looped = {"labels": labels} if session.model.config.max_loops > 1 else {}
         with session.precision.autocast():
-            out = session.train_model(input_ids, images=images)
+            out = session.train_model(input_ids, images=images, **looped)
         loss_sum = _loss_sum(out.logits, labels)
         loss = loss_sum * scale + out.aux_loss / self.cfg.grad_accum
         session.scaler.scale(loss).backward()
         return loss_sum.detach()
+
+    def _window_length(self, step: int) -> int:
+        """Tokens per training window at optimizer step `step` (0-based): data.seq_len unless a curriculum runs."""
+        cfg, total = self.cfg, self.session.schedule.total_steps
+        return length_at(step, total, self.run_config.data.seq_len, cfg.seq_len_start, cfg.seq_len_warmup)
 
     def _after_step(self) -> None:
         session, cfg, step = self.session, self.cfg, self.session.step
@@ -225,6 +234,7 @@ class _Loop:
             "grad_norm": float(self.grad_norm),
             "throughput/tok_s": tok_s,
             "mfu": self.flops_per_token * tok_s / session.ctx.world_size / self.peak,
+            "train/seq_len": self._window_length(session.step - 1),  # the length the latest step used
             "progress/total_steps": session.schedule.total_steps,
             "progress/epoch": self.state.epoch,
             "progress/tokens": session.tokens_seen,
@@ -270,20 +280,23 @@ class _Loop:
 
     def _sample(self) -> None:
         session = self.session
-        if not session.ctx.is_main:
+        if not (session.ctx.is_main or session.ctx.sharded):  # FSDP: every rank helps gather the weights
             return
         tok = session.tokenizer
         config = GenerationConfig(max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, stop_ids=[tok.eot_id])
-        for prompt in self.cfg.sample_prompts:
-            ids = tok.encode(prompt) or [tok.eot_id]
-            with session.precision.autocast():
-                text = tok.decode(list(generate(session.model, ids, config)))
-            self._emit({"sample/prompt": prompt, "sample/text": text})
+        with unsharded(session.model):
+            for prompt in self.cfg.sample_prompts:
+                ids = tok.encode(prompt) or [tok.eot_id]
+                with session.precision.autocast():
+                    text = tok.decode(list(generate(session.model, ids, config)))
+                self._emit({"sample/prompt": prompt, "sample/text": text})
 
     # ---- saving, stopping, finishing ------------------------------------------------------------------
     def _save(self) -> None:
         session = self.session
         resume_state = capture_state(session)
+        shards = write_shards(session, self.out)  # FSDP: each rank writes its part; None otherwise
+        model = full_model(session.model, session.ctx)  # FSDP: gathered on rank 0
         if session.ctx.is_main:
             meta = {
                 "total_steps": session.schedule.total_steps,
@@ -291,7 +304,7 @@ class _Loop:
                 "train_loss": self.train_loss,
                 "val_loss": self.val_loss if self.val_step == session.step else None,
             }
-            path = save_checkpoint(self.out, session.step, session.model, session.tokenizer, resume_state, meta)
+            path = save_checkpoint(self.out, session.step, model, session.tokenizer, resume_state, meta, shards)
             if meta["val_loss"] is not None:
                 mark_best_if_better(self.out, session.step, meta["val_loss"])
             prune_checkpoints(self.out, self.cfg.keep_last)
@@ -318,6 +331,7 @@ class _Loop:
         if not checkpoint_dir(self.out, session.step).exists():  # "train N more" continues from this checkpoint
             self._save()
         bundle = self.out / FINAL_DIR
+        model = full_model(session.model, session.ctx)  # FSDP: gathered on rank 0
         if session.ctx.is_main:
             card = {
                 "steps": session.step,
@@ -328,7 +342,8 @@ class _Loop:
                 "data": session.data_summary,
             }
             card = {k: v for k, v in card.items() if v is not None}
-            save_bundle(bundle, session.model, session.tokenizer, card, title=self.run_config.name or None)
+            merge = self.run_config.finetune.merge_on_export  # a LoRA run: also the plain model, adapters folded in
+            save_bundle(bundle, model, session.tokenizer, card, title=self.run_config.name or None, merge=merge)
         session.ctx.barrier()
         return str(bundle)
 

@@ -14,6 +14,7 @@ from ..configio import ConfigError
 from ..image_tokens import patch_grid
 from ..model.config import ModelConfig
 from ..model.layers import GatedFFN, RMSNorm
+from .positions import Rope2D, grid_positions
 
 # ResNet stage whose output stride equals the patch size: the final feature map of the (truncated)
 # backbone is then exactly the patch grid, so num_image_tokens() holds for every encoder.
@@ -88,12 +89,12 @@ def group_by_size(images: list[torch.Tensor]) -> list[tuple[list[int], torch.Ten
 
 
 class ViTPatchEncoder(nn.Module):
-    """Conv patchify + learned row and column embeddings + bidirectional pre-norm transformer blocks.
+    """Conv patchify + 2-D positions + bidirectional pre-norm transformer blocks over each image's patches.
 
-    Positions are learned absolute row and column embeddings (factorised, as in NaViT/Pix2Struct) rather
-    than 2-D RoPE: answers such as "left or right" and "top or bottom" depend on where a patch is in the
-    image, which absolute embeddings state directly while RoPE only gives offsets between patches. The two
-    tables of max_patches entries serve every grid shape up to the patch budget.
+    `image_pos` "learned2d" (the default) adds learned absolute row and column embeddings (factorised, as
+    in NaViT/Pix2Struct; two tables of max_patches entries serve every grid shape): answers such as "left
+    or right" depend on where a patch is in the image, which absolute embeddings state directly. "rope2d"
+    rotates queries and keys by row and column instead (vision/positions.py), "none" gives no positions.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -103,33 +104,44 @@ class ViTPatchEncoder(nn.Module):
             raise ConfigError(
                 f"model config: image_encoder_width ({width}) must be divisible by n_heads ({cfg.n_heads})"
             )
+        if cfg.image_pos == "rope2d" and (width // cfg.n_heads) % 4:
+            raise ConfigError(
+                f"model config: image_pos rope2d needs a ViT head width (image_encoder_width or d_model, {width}, "
+                f"over n_heads, {cfg.n_heads}) divisible by 4; use learned2d or change the widths"
+            )
         self.out_width = width
         self.patchify = nn.Conv2d(3, width, kernel_size=cfg.image_patch_size, stride=cfg.image_patch_size)
-        self.row_embed = nn.Embedding(cfg.image_max_patches, width)
-        self.col_embed = nn.Embedding(cfg.image_max_patches, width)
-        nn.init.normal_(self.row_embed.weight, std=cfg.init_std)
-        nn.init.normal_(self.col_embed.weight, std=cfg.init_std)
+        self.row_embed = self.col_embed = None
+        if cfg.image_pos == "learned2d":  # kept as direct attributes: bundles store them under these names
+            self.row_embed = nn.Embedding(cfg.image_max_patches, width)
+            self.col_embed = nn.Embedding(cfg.image_max_patches, width)
+            nn.init.normal_(self.row_embed.weight, std=cfg.init_std)
+            nn.init.normal_(self.col_embed.weight, std=cfg.init_std)
+        self.rope = Rope2D(width // cfg.n_heads) if cfg.image_pos == "rope2d" else None
         hidden = -(-int(width * 8 / 3) // 64) * 64  # the usual SwiGLU width, rounded up to 64
         self.blocks = nn.ModuleList(
-            EncoderBlock(width, cfg.n_heads, hidden, cfg.ffn_type, cfg.norm_eps)
+            EncoderBlock(width, cfg.n_heads, hidden, cfg.ffn_type, cfg.norm_eps, self.rope)
             for _ in range(cfg.image_encoder_layers)
         )
         self.norm = RMSNorm(width, cfg.norm_eps)
 
     def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         tokens: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        grids: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for idx, batch in group_by_size(images):
             x = self.patchify(batch)  # (G, W, rows, cols)
             rows, cols = x.shape[-2:]
             x = x.flatten(2).transpose(1, 2)  # (G, rows * cols, W), row-major
-            pos = self.row_embed.weight[:rows, None] + self.col_embed.weight[None, :cols]  # (rows, cols, W)
-            x = x + pos.reshape(rows * cols, -1)
+            if self.row_embed is not None:
+                pos = self.row_embed.weight[:rows, None] + self.col_embed.weight[None, :cols]  # (rows, cols, W)
+                x = x + pos.reshape(rows * cols, -1)
             for j, i in enumerate(idx):
-                tokens[i] = x[j]
+                tokens[i], grids[i] = x[j], grid_positions(rows, cols, x.device)
         x, keep = pad_sequences(tokens)  # (B, N, W), (B, N) with True on real patches
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, N): padding is never a key
+        rope = None if self.rope is None else self.rope.cos_sin(pad_sequences(grids)[0], x.dtype)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, rope)
         x = self.norm(x)
         return [x[i, : t.shape[0]] for i, t in enumerate(tokens)]
 
@@ -148,19 +160,22 @@ def pad_sequences(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 class EncoderBlock(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); attention is bidirectional over the patches."""
 
-    def __init__(self, width: int, n_heads: int, hidden: int, ffn_type: str, eps: float):
+    def __init__(self, width: int, n_heads: int, hidden: int, ffn_type: str, eps: float, rope: Rope2D | None = None):
         super().__init__()
         self.n_heads = n_heads
+        self.rope = rope
         self.attn_norm = RMSNorm(width, eps)
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
         self.ffn_norm = RMSNorm(width, eps)
         self.ffn = GatedFFN(width, hidden, ffn_type)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.n_heads, width // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        if rope is not None:  # rope: Rope2D.cos_sin of the patches' (row, col)
+            q, k = self.rope.apply(q, rope), self.rope.apply(k, rope)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh)
         x = x + self.out(y.transpose(1, 2).reshape(batch, length, width))  # (B, N, W)
         return x + self.ffn(self.ffn_norm(x))

@@ -192,18 +192,23 @@ def _user_turn(message: Any) -> list[dict[str, Any]]:
     return turns + ([{"role": "user", "content": text}] if text or not files else [])
 
 
-def chat(services, message, history, model_id, system, temperature, top_k, top_p, max_new, penalty) -> Iterator[tuple]:
-    """API `chat`: yields (conversation so far, speed line) as the reply streams in."""
+def chat(
+    services, message, history, model_id, system, temperature, top_k, top_p, max_new, penalty, weights="fp32"
+) -> Iterator[tuple]:
+    """API `chat`: yields (conversation so far, speed line) as the reply streams in. `weights` "int8" runs the
+    model with int8 weights (apertis_core.quantize). Concurrent chats with one model share its decode steps
+    (studio/model_cache.py)."""
     history = [*(history or []), *_user_turn(message)]
     row = services.store.get_model(model_id) if model_id else None
     if row is None:
         yield history, "Pick a model first (train one, or import a bundle in the Models tab)."
         return
-    from apertis_core.generation import GenerationConfig, generate
+    from apertis_core.generation import GenerationConfig
     from apertis_core.tokenizer import StreamDecoder
 
     try:
-        model, tokenizer = services.model_cache.get(row["path"])
+        loaded = services.model_cache.load(row["path"], weights or "fp32")
+        model, tokenizer = loaded.model, loaded.tokenizer
     except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a refused bundle; a broken torch install too
         yield history, f"Cannot load {row['name']}: {exc}"
         return
@@ -222,15 +227,16 @@ def chat(services, message, history, model_id, system, temperature, top_k, top_p
     )
     decoder, reply, count = StreamDecoder(tokenizer), {"role": "assistant", "content": ""}, 0
     history.append(reply)
+    name = row["name"] + (" (int8)" if weights == "int8" else "")
     start, first = time.perf_counter(), None
-    for token in generate(model, ids, config, images=images or None):
+    for token in loaded.scheduler.generate(ids, config, images=images or None):
         count += 1
         first = first or time.perf_counter() - start
         # The decoder holds back the bytes of a character split across tokens: no "�" mid-stream.
         reply["content"] += decoder.push(token)
-        yield history, speed_line(row["name"], count, first, time.perf_counter() - start)
+        yield history, speed_line(name, count, first, time.perf_counter() - start)
     reply["content"] += decoder.flush()
-    yield history, speed_line(row["name"], count, first, time.perf_counter() - start)
+    yield history, speed_line(name, count, first, time.perf_counter() - start)
 
 
 def speed_line(name: str, count: int, first: float | None, elapsed: float) -> str:
@@ -270,7 +276,8 @@ def load_conversation(path: str | None) -> tuple[Any, Any, str]:
 
 HELP = (
     "Talk to a model: pick it, type, press Enter. Attach a picture with the clip to ask about it (image "
-    "models only). Tick Side by side to ask two models the same thing."
+    "models only). Tick Side by side to ask two models the same thing. Weights int8 runs a smaller copy of the "
+    "model that is faster on a CPU."
 )
 
 
@@ -292,7 +299,15 @@ def build(services) -> dict[str, Any]:
             allow_custom_value=True,
             visible=False,
         )
-    system = gr.Textbox(label="System prompt", placeholder="optional, e.g. You answer in one word.")
+    with gr.Row():
+        system = gr.Textbox(label="System prompt", placeholder="optional, e.g. You answer in one word.", scale=4)
+        weights = gr.Radio(
+            ["fp32", "int8"],
+            value="fp32",
+            label="Weights",
+            info="int8: smaller and faster on a CPU, a little less exact",
+            scale=1,
+        )
     with gr.Row():
         chatbot = plain_chatbot(label="Conversation", height=420)
         chatbot_b = plain_chatbot(label="Second model's conversation", height=420, visible=False)
@@ -315,11 +330,11 @@ def build(services) -> dict[str, Any]:
     note = gr.Markdown()
     plain_text_style()  # last: the empty element it needs then leaves no gap between the parts above
     first = box.submit(
-        partial(chat, services), [box, chatbot, model, system, *sampling], [chatbot, speed], api_name="chat"
+        partial(chat, services), [box, chatbot, model, system, *sampling, weights], [chatbot, speed], api_name="chat"
     )
     second = box.submit(
         partial(chat_compare, services),
-        [compare, box, chatbot_b, model_b, system, *sampling],
+        [compare, box, chatbot_b, model_b, system, *sampling, weights],
         [chatbot_b, speed_b],
         api_visibility="private",
     )

@@ -20,12 +20,13 @@ from apertis_core.model.config import ModelConfig  # the config modules import w
 
 from .. import run_config, run_plan, run_states
 from ..jobs import JobError
-from ..listings import run_options
+from ..listings import run_options, start_model_options
 from ..runfiles import CONFIG_NAME, log_tail
 
 # (name, label, default, kind) of the form fields, in the order the handlers receive them. The defaults
 # train the nano preset on a laptop CPU in a few minutes.
 BASIC = [
+    ("start_from", "Start from model (fine-tune it; none: a new model)", "", "model"),
     ("max_steps", "Training steps", 300, "int"),
     ("batch_size", "Examples per step (batch size)", 8, "int"),
     ("seq_len", "Tokens per example (sequence length)", 128, "int"),
@@ -42,6 +43,9 @@ ADVANCED = [
     ("schedule", "Learning-rate schedule", "cosine", ["cosine", "wsd"]),
     ("precision", "Number precision", "auto", ["auto", "fp32", "bf16", "fp16"]),
     ("device", "Train on", "auto", ["auto", "cpu", "cuda", "mps"]),
+    ("gpus", "GPUs to use (all: one process per GPU, through torchrun)", "one", ["one", "all"]),
+    ("finetune_method", "Fine-tuning a start model: LoRA adapters or all weights", "lora", ["lora", "full"]),
+    ("lora_rank", "LoRA rank (adapter width) when fine-tuning with LoRA", 8, "int"),
     ("extra", "More settings, one key=value per line (e.g. model.d_model=128)", "", "text"),
 ]
 FIELDS = [f[0] for f in BASIC + ADVANCED]
@@ -163,7 +167,9 @@ def train_more(services, run_id, steps) -> str:
     return _act(services.jobs.train_more, run_id, int(steps or 0))
 
 
-def _field(name: str, label: str, default: Any, kind: Any) -> gr.components.Component:
+def _field(name: str, label: str, default: Any, kind: Any, services=None) -> gr.components.Component:
+    if kind == "model":  # the Models tab's models (trained, imported, the demo), or none
+        return gr.Dropdown(choices=start_model_options(services), value=default, label=label)
     if isinstance(kind, list):
         return gr.Dropdown(choices=kind, value=default, label=label)
     if kind == "text":
@@ -180,7 +186,7 @@ def build(services, timer_s: float) -> dict[str, Any]:
         preset = gr.Dropdown(label="Model size (preset)", choices=ModelConfig.presets(), value="apertis-nano")
         name = gr.Textbox(label="Run name", placeholder="optional")
     with gr.Row():
-        basic = [_field(*f) for f in BASIC]
+        basic = [_field(*f, services=services) for f in BASIC]
     with gr.Accordion("Advanced", open=False):
         advanced = [_field(*f) for f in ADVANCED]
     form = [dataset, preset, *basic, *advanced]
@@ -228,6 +234,11 @@ def build(services, timer_s: float) -> dict[str, Any]:
     )
 
     def refresh():
-        return gr.Dropdown(choices=dataset_choices(services)), gr.Dropdown(choices=run_options(services))
+        return (
+            gr.Dropdown(choices=dataset_choices(services)),
+            gr.Dropdown(choices=run_options(services)),
+            gr.Dropdown(choices=start_model_options(services)),  # a run that finished is a model to start from
+        )
 
-    return {"run": run, "refresh": refresh, "refresh_outputs": [dataset, run]}
+    start_from = basic[FIELDS.index("start_from")]
+    return {"run": run, "refresh": refresh, "refresh_outputs": [dataset, run, start_from]}

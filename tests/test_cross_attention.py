@@ -1,0 +1,233 @@
+"""Gated cross-attention to image patches, 2-D patch positions and the encoder's own learning rate.
+
+With the options off a model is what it was; with cross-attention on, generation (prompt in parallel,
+then `step`) still gives the parallel forward's logits because the patches travel in the state; bundles
+with the new fields load in chat, the CLI and the studio.
+"""
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from apertis_core import ApertisModel, Tokenizer, load_bundle, save_bundle
+from apertis_core.cli.main import main
+from apertis_core.configio import ConfigError
+from apertis_core.generation import GenerationConfig, can_batch, generate, generate_many
+from apertis_core.model.cross_attention import GatedCrossAttention
+from apertis_core.sizing import parameter_count
+from apertis_core.training import TrainConfig
+from apertis_core.training.optim import build_optimizer
+from apertis_core.vision import num_image_tokens
+from apertis_core.vision.positions import Rope2D, grid_positions
+
+from conftest import tiny_config
+
+IMAGE_ID = 5
+
+
+def image_config(preset="apertis-nano", **overrides):
+    settings = dict(image_encoder="vit", image_patch_size=8, image_max_patches=16, image_token_id=IMAGE_ID)
+    return tiny_config(preset, **{**settings, **overrides})
+
+
+def open_gates(model, value=1.0):
+    """Fresh gates are 0 (a no-op); tests of what the layer reads need it to add something."""
+    for module in model.modules():
+        if isinstance(module, GatedCrossAttention):
+            module.gate.data.fill_(value)
+    return model
+
+
+def with_images(*images, text=(10, 11, 12, 13, 14)):
+    ids = [1, 2]
+    for image in images:
+        ids += [IMAGE_ID] * num_image_tokens(image, 8) + [7]
+    return torch.tensor([ids + list(text)])
+
+
+@pytest.mark.parametrize("preset", ["apertis-nano", "apertis-hybrid-nano"])
+@pytest.mark.parametrize("image_pos", ["learned2d", "rope2d", "none"])
+def test_step_after_the_prompt_matches_the_parallel_forward(preset, image_pos):
+    model = open_gates(ApertisModel(image_config(preset, cross_attn_every=2, image_pos=image_pos)).eval())
+    images = [torch.rand(3, 8, 32), torch.rand(3, 16, 16)]
+    ids = with_images(*images)
+    with torch.no_grad():
+        full = model(ids, images=images).logits
+        # The prompt in two pieces (one image each) and then single steps: the patches live in the state.
+        split = 2 + num_image_tokens(images[0], 8) + 1
+        state = model(ids[:, :split], images=images[:1], state=model.init_state(1)).state
+        state = model(ids[:, split:-3], images=images[1:], state=state).state
+        stepped = []
+        for token in ids[0, -3:]:
+            logits, state = model.step(token[None], state)
+            stepped.append(logits[0])
+    assert (full[0, -3:] - torch.stack(stepped)).abs().max() <= 1e-4
+
+
+def test_batched_decoding_gives_each_prompt_what_it_gets_alone():
+    model = open_gates(ApertisModel(image_config("apertis-hybrid-nano", cross_attn_every=1)).eval())
+    images = [[torch.rand(3, 8, 32)], [torch.rand(3, 16, 16), torch.rand(3, 8, 8)], None]
+    prompts = [with_images(*(found or []))[0].tolist() for found in images]
+    config = GenerationConfig(max_new_tokens=6, temperature=0.0, repetition_penalty=1.0)
+    alone = [list(generate(model, ids, config, images=found)) for ids, found in zip(prompts, images, strict=True)]
+    assert can_batch(model)
+    together: list[list[int]] = [[] for _ in prompts]
+    for index, token in generate_many(model, prompts, config, images=images):
+        together[index].append(token)
+    assert together == alone
+
+
+def test_the_answer_reads_the_image_and_nothing_before_an_image_does():
+    model = open_gates(ApertisModel(image_config(cross_attn_every=1)).eval())
+    first, second, other = torch.rand(3, 8, 16), torch.rand(3, 8, 16), torch.rand(3, 8, 16)
+    ids = with_images(first, second)
+    with torch.no_grad():
+        a = model(ids, images=[first, second]).logits
+        b = model(ids, images=[first, other]).logits
+        state = model(ids, images=[first, second], state=model.init_state(1)).state
+        step_a, _ = model.step(torch.tensor([9]), state)
+        state = model(ids, images=[first, other], state=model.init_state(1)).state
+        step_b, _ = model.step(torch.tensor([9]), state)
+    before_second = 2 + 2 + 1
+    assert torch.equal(a[0, :before_second], b[0, :before_second])  # causal: a later image is not seen
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-4
+    assert (step_a - step_b).abs().max() > 1e-4  # a generated token still reads the picture
+
+
+def test_a_sample_without_images_is_unchanged_by_the_others_in_its_batch():
+    model = open_gates(ApertisModel(image_config(cross_attn_every=1)).eval())
+    image = torch.rand(3, 8, 24)
+    with_image = with_images(image)
+    text_only = torch.tensor([[1, 2, 3, 4, 6] + [8] * (with_image.shape[1] - 5)])
+    with torch.no_grad():
+        alone = model(text_only).logits
+        batched = model(torch.cat([with_image, text_only]), images=[image]).logits
+    assert (alone[0] - batched[1]).abs().max() <= 1e-5
+
+
+def test_options_off_or_gates_closed_change_nothing():
+    plain_cfg = image_config()
+    cross_cfg = image_config(cross_attn_every=1, cross_attn_gate_init=0.0)
+    assert plain_cfg.image_pos == "learned2d" and plain_cfg.cross_attn_every == 0  # defaults as before
+    plain = ApertisModel(plain_cfg).eval()
+    cross = ApertisModel(cross_cfg).eval()
+    missing, unexpected = cross.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".xattn." in key for key in missing)
+    image = torch.rand(3, 16, 16)
+    ids = with_images(image)
+    with torch.no_grad():
+        assert torch.equal(plain(ids, images=[image]).logits, cross(ids, images=[image]).logits)  # gates at 0
+        text = torch.tensor([[1, 2, 3, 4]])
+        assert torch.equal(plain(text).logits, open_gates(cross)(text).logits)  # no image: reads nothing
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"cross_attn_every": 1}, {"cross_attn_every": 2, "image_pos": "rope2d"}, {"image_pos": "none"}],
+)
+def test_sizing_counts_the_new_parameters(overrides):
+    cfg = image_config("apertis-hybrid-nano", **overrides)
+    assert parameter_count(cfg) == ApertisModel(cfg).num_parameters()
+
+
+def test_bad_settings_are_clear_config_errors():
+    with pytest.raises(ConfigError, match="cross_attn_every"):
+        tiny_config("apertis-nano", cross_attn_every=1)  # no image encoder: nothing to attend to
+    with pytest.raises(ConfigError, match="cross_attn_every"):
+        image_config(cross_attn_every=-1)
+    with pytest.raises(ConfigError, match="image_pos"):
+        image_config().override(["image_pos=rope3d"])
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        ApertisModel(image_config(d_model=24, n_heads=4, image_pos="rope2d"))  # head width 6
+    with pytest.raises(ConfigError, match="encoder_lr_scale"):
+        TrainConfig(encoder_lr_scale=0)
+    assert image_config().override(["cross_attn_every=2", "image_pos=rope2d"]).cross_attn_every == 2
+
+
+def test_rope2d_attention_depends_on_the_offset_between_patches_only():
+    rope = Rope2D(8)
+    grid = grid_positions(3, 4, "cpu")[None]  # (1, 12, 2)
+    q, k = torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    scores = rope.apply(q, rope.cos_sin(grid, q.dtype)) @ rope.apply(k, rope.cos_sin(grid, k.dtype)).transpose(-1, -2)
+    moved = rope.cos_sin(grid + torch.tensor([5, 7]), q.dtype)  # every patch shifted by the same offset
+    shifted = rope.apply(q, moved) @ rope.apply(k, moved).transpose(-1, -2)
+    assert (scores - shifted).abs().max() <= 1e-4
+    swapped = rope.cos_sin(grid.flip(-1), q.dtype)  # rows and columns exchanged: a different geometry
+    assert (scores - rope.apply(q, swapped) @ rope.apply(k, swapped).transpose(-1, -2)).abs().max() > 1e-3
+
+
+def test_the_encoder_learns_at_its_own_rate():
+    model = ApertisModel(image_config(cross_attn_every=1))
+    assert len(build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), torch.device("cpu")).param_groups) == 2  # as before
+    optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), torch.device("cpu"), encoder_lr_scale=1e-6)
+    encoder_before = [p.detach().clone() for p in model.vision.parameters()]
+    head_before = model.embed.weight.detach().clone()
+    image = torch.rand(3, 8, 16)
+    model(with_images(image), images=[image]).logits.square().mean().backward()
+    optimizer.step()
+    encoder_moved = max((p - b).abs().max() for p, b in zip(model.vision.parameters(), encoder_before, strict=True))
+    assert encoder_moved < 1e-6 < (model.embed.weight - head_before).abs().max()
+    assert {group["lr"] for group in optimizer.param_groups} == {1e-2}  # the schedule's lr, unscaled
+
+
+@pytest.fixture
+def cross_bundle(tmp_path):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    tokenizer = Tokenizer.byte_level()
+    config = image_config(
+        vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id, max_seq_len=128,
+        cross_attn_every=1, image_pos="rope2d",
+    )  # fmt: skip
+    save_bundle(tmp_path / "vlm", open_gates(ApertisModel(config).eval(), 0.5), tokenizer)
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "red.png")
+    return tmp_path / "vlm", tmp_path / "red.png"
+
+
+def test_bundles_with_the_new_fields_load_in_the_cli_and_chat(cross_bundle, monkeypatch, capsys):
+    folder, picture = cross_bundle
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["cross_attn_every"] == 1 and saved["image_pos"] == "rope2d"
+    model, _ = load_bundle(folder)
+    assert model.blocks[0].xattn.gate.item() == 0.5
+    common = ["--model", str(folder), "--max-new-tokens", "4", "--temperature", "0"]
+    assert main(["generate", *common, "--prompt", "colour?", "--image", str(picture), "--chat"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {picture}\nwhat is it?\nand now?\n"))
+    assert main(["chat", *common]) == 0
+    out = capsys.readouterr().out
+    assert "image attached" in out and "error" not in out
+
+
+def test_bundles_with_the_new_fields_load_in_the_studio_chat(cross_bundle, tmp_path):
+    pytest.importorskip("gradio")
+    from studio.app import Services
+    from studio.jobs import JobManager
+    from studio.store import Store
+    from studio.tabs import chat
+
+    folder, picture = cross_bundle
+    store = Store(tmp_path / "ws")
+    services = Services(store=store, jobs=JobManager(store))
+    model_id = store.add_model("cross", folder, kind="bundle")
+    message = {"text": "What is in the picture?", "files": [{"path": str(picture)}]}
+    *_, (history, speed) = chat.chat(services, message, [], model_id, "", 0.0, 20, 0.95, 4, 1.1)
+    assert "tokens/s" in speed and history[-1]["role"] == "assistant"
+
+
+def test_bundles_from_before_these_fields_still_load(tmp_path):
+    tokenizer = Tokenizer.byte_level()
+    model = ApertisModel(image_config(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id)).eval()
+    save_bundle(tmp_path / "old", model, tokenizer)
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["cross_attn_every"], config["image_pos"]  # what a bundle written before them holds
+    config_file.write_text(json.dumps(config))
+    loaded, _ = load_bundle(tmp_path / "old")
+    image = torch.rand(3, 8, 16)
+    ids = torch.tensor([[1] + [tokenizer.image_id] * 2 + [40, 41]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, images=[image]).logits, model(ids, images=[image]).logits)
