@@ -206,9 +206,15 @@ def _vit_parameters(cfg: ModelConfig, width: int) -> int:
     patch = cfg.image_patch_size
     hidden = -(-int(width * 8 / 3) // 64) * 64
     block = 2 * width + 3 * width * width + width * width + 3 * width * hidden  # norms, qkv, out, SwiGLU
+    if cfg.image_stem == "conv":  # 3x3 convs without bias, batch-norm gains and biases, a 1x1 conv with bias
+        widths = cfg.image_stem_widths()
+        stem = (
+            sum(9 * i * o + 2 * o for i, o in zip([3, *widths[:-1]], widths, strict=True)) + widths[-1] * width + width
+        )
+    else:
+        stem = 3 * width * patch * patch + width  # the patchify conv, with bias
     return (
-        3 * width * patch * patch
-        + width  # the patchify conv, with bias
+        stem
         + (2 * cfg.image_max_patches * width if cfg.image_pos == "learned2d" else 0)  # row and column tables
         + cfg.image_encoder_layers * block
         + width

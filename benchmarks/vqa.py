@@ -19,31 +19,37 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 # Published anchors for Sort-of-CLEVR (Santoro et al. 2017): Relation Networks 99% / 89%, CNN+MLP ~66%.
-TARGETS = {"nonrel": 0.98, "rel": 0.90}
+TARGETS = {"nonrel": 0.95, "rel": 0.75}  # the 30-minute CPU targets
 MODELS = ("apertis", "cnn_mlp", "rn")
 
-# The CPU recipe: a mostly-SLA hybrid (one softmax-attention layer in four for exact look-up of the named
-# object) over a ResNet-18 trunk trained from scratch (no downloaded weights). A ViT from scratch was
-# tried first: it learned nothing about 11-pixel objects in 64-pixel scenes within 1000 steps, where the
-# ResNet's batch-normalised convolutions name a lone object's colour every time (benchmarks/README.md).
+# The CPU recipe: an SLA language model that re-reads the picture through gated cross-attention in every block
+# (docs/MULTIMODAL.md), over a ViT with a conv stem at 8 px patches (an 8 x 8 grid for a 64 px scene; each
+# token sees a little past its patch, so an object cut by a patch border is still whole). The encoder is
+# trained from scratch (no downloaded weights) but held frozen for the first steps: trained from the start,
+# it collapsed to features that say which shapes a scene holds but not where; random conv features keep
+# colour and shape apart until the language side has learned to look the named object up.
 RECIPE = {
     "model": {
-        "preset": "apertis-hybrid-nano",
+        "preset": "apertis-nano",
         "d_model": 128,
         "n_heads": 4,
-        "n_kv_heads": 2,
         "n_layers": 4,
         "n_experts": 0,
-        "image_encoder": "resnet18",
-        "image_patch_size": 16,  # a 64 px scene is a 4 x 4 grid: each object sits in about one patch
-        "image_max_patches": 16,
+        "image_encoder": "vit",
+        "image_stem": "conv",
+        "image_patch_size": 8,
+        "image_max_patches": 64,
+        "image_encoder_layers": 1,
+        "cross_attn_every": 1,
         "max_seq_len": 512,
     },
     "data": {"seq_len": 384, "vocab_size": 1024, "val_fraction": 0.01, "image_augment": False},
     "train": {
         "batch_size": 16,
-        "lr": 1e-3,
-        "warmup_steps": 100,
+        "lr": 2e-3,
+        "encoder_frozen_steps": 600,
+        "encoder_lr_scale": 0.1,
+        "warmup_steps": 50,
         "schedule": "wsd",
         "decay_fraction": 0.3,
         "eval_every": 0,
@@ -85,6 +91,8 @@ def score(bundle: Path, test_file: Path) -> dict:
     records, report = load_dataset(test_file)
     if len(records) != len(rows):
         raise RuntimeError(f"{test_file}: {len(rows) - len(records)} records were skipped:\n{report.to_text()}")
+    if any(r.messages[-1]["content"] != row["messages"][-1]["content"] for r, row in zip(records, rows, strict=True)):
+        raise RuntimeError(f"{test_file}: the records were read in another order than the file lists them")
     model, tokenizer = load_bundle(bundle, device=str(pick_device("auto")))
     return by_group(rows, exact_match(model, tokenizer, records))
 

@@ -41,6 +41,7 @@ VARIANTS = [
     ("apertis-hybrid-nano", dict(head_dim=48, n_kv_heads=1, ffn_hidden=100, n_layers=7)),
     ("transformer-nano", dict(n_experts=3, moe_top_k=1, moe_every=3, ffn_type="geglu")),
     ("apertis-nano", dict(image_encoder="vit", image_encoder_width=128, image_encoder_layers=3, image_patch_size=14)),
+    ("apertis-nano", dict(image_encoder="vit", image_stem="conv", image_encoder_width=48, image_patch_size=16)),
     ("apertis-nano", dict(image_encoder="resnet18", image_patch_size=16)),
     ("apertis-nano", dict(image_encoder="resnet34", image_patch_size=4)),
     ("apertis-nano", dict(image_encoder="resnet50", image_patch_size=32)),

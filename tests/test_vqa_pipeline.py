@@ -1,7 +1,6 @@
 """The visual Q&A pipeline end to end, with checks that would catch a silent bug: a picture reaching another
 sample's positions, patches out of place, the image cache mixing files up, or the loss missing the answers."""
 
-import dataclasses
 import json
 import math
 import random
@@ -78,9 +77,12 @@ def multi_image_batch(cfg: ModelConfig):
     return ids, images, [[0], [1, 2], [3]]
 
 
-ENCODERS = [{"image_encoder": "vit"}, {"image_encoder": "resnet18"}]
-if "cross_attn_every" in {f.name for f in dataclasses.fields(ModelConfig)}:  # the layer that re-reads the patches
-    ENCODERS.append({"image_encoder": "vit", "cross_attn_every": 1})
+ENCODERS = [
+    {"image_encoder": "vit"},
+    {"image_encoder": "vit", "image_stem": "conv"},
+    {"image_encoder": "resnet18"},
+    {"image_encoder": "vit", "cross_attn_every": 1},  # the layer that re-reads the patches
+]
 
 
 @pytest.mark.parametrize("overrides", ENCODERS, ids=lambda o: "-".join(map(str, o.values())))
@@ -177,11 +179,12 @@ def test_preprocessing_keeps_each_patch_in_its_place():
     assert red.nonzero().tolist() == [[2, 5]]
 
 
-@pytest.mark.parametrize("kind", ["vit", "resnet18"])
-def test_encoder_tokens_follow_the_patch_grid_row_by_row(kind):
+@pytest.mark.parametrize(("kind", "stem"), [("vit", "patch"), ("vit", "conv"), ("resnet18", "patch")])
+def test_encoder_tokens_follow_the_patch_grid_row_by_row(kind, stem):
     cfg = ModelConfig(
-        d_model=32, n_heads=4, image_encoder=kind, image_patch_size=8, image_max_patches=32, image_encoder_layers=1
-    )
+        d_model=32, n_heads=4, image_encoder=kind, image_stem=stem, image_patch_size=8, image_max_patches=32,
+        image_encoder_layers=1,
+    )  # fmt: skip
     torch.manual_seed(0)
     encoder = UnifiedMultimodalEncoder(cfg).eval()
     base = torch.zeros(3, 32, 64)  # 4 rows x 8 columns: a transposed or column-major order reads another patch

@@ -79,6 +79,10 @@ class ModelConfig:
     image_token_id: int = -1  # the tokenizer's <image> id; image patch embeddings replace these positions
     # ViT patch positions: learned row and column tables, 2-D RoPE in the encoder's attention, or none.
     image_pos: Literal["learned2d", "rope2d", "none"] = "learned2d"
+    # How the ViT turns pixels into patch tokens: "patch" projects each patch on its own (the classic ViT);
+    # "conv" is a small batch-normalised CNN (one stride-1 and log2(patch) stride-2 3x3 convolutions) whose
+    # tokens see past their patch's edges, so an object cut by a patch border is still whole in its tokens.
+    image_stem: Literal["patch", "conv"] = "patch"
     # Gated cross-attention from every position to the patches of the images at or before it, in every Nth
     # layer counting from the last (0 = off): a linear-attention model re-reads the picture once it knows the
     # question instead of relying on what its fixed-size state kept.
@@ -176,6 +180,12 @@ class ModelConfig:
                 lambda: self.cross_attn_every == 0 or (self.cross_attn_every > 0 and self.image_encoder != "none"),
                 "cross_attn_every must be >= 0, and above 0 only with an image encoder (it reads image patches)",
             ),
+            (
+                lambda: (
+                    self.image_stem == "patch" or (self.image_encoder == "vit" and _power_of_two(self.image_patch_size))
+                ),
+                "image_stem conv needs image_encoder vit and an image_patch_size that is a power of two (2, 4, 8, 16...)",
+            ),
             (lambda: all(0 <= i < self.n_layers for i in self.nope_layers), "nope_layers must index existing layers"),
             (lambda: 1 <= self.max_loops <= 64, "max_loops must be between 1 (off) and 64"),
             (lambda: len(self.loop_group()) > 0, "loop_blocks must name at least one block"),  # parses it
@@ -196,6 +206,13 @@ class ModelConfig:
         return self
 
     # Derived values are functions so they follow any override of the fields they depend on.
+    def image_stem_widths(self) -> list[int]:
+        """Output channels of the conv stem's 3x3 convolutions: the stride-1 one, then one per halving."""
+        width = self.image_encoder_width or self.d_model
+        halvings = self.image_patch_size.bit_length() - 1
+        widths = [max(8, width >> (halvings - 1 - i)) for i in range(halvings)]  # ..., width / 2, width
+        return [widths[0], *widths]
+
     def dim_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
@@ -269,3 +286,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "transformer-nano": dict(_LLAMA, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "transformer-small": dict(_LLAMA, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
 }
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0

@@ -24,6 +24,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
     # The image encoder and projector train at lr times this (a from-scratch encoder may want its own pace).
     encoder_lr_scale: float = 1.0
+    # The image encoder and projector stay as initialised for this many steps while the language model learns
+    # to read their tokens; trained from the start, a from-scratch encoder collapsed to features that say
+    # which shapes a picture holds but not where (docs/MULTIMODAL.md).
+    encoder_frozen_steps: int = 0
     weight_decay: float = 0.1  # AdamW decay, applied to weight matrices only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments; 0.95 reacts faster than 0.999 on small data
     warmup_steps: int = 100  # linear ramp from ~0 to lr; avoids early instability of Adam's estimates
@@ -70,6 +74,7 @@ class TrainConfig:
             (0 < self.rewarm_fraction <= 1, "rewarm_fraction must be in (0, 1]"),
             (self.gpus == "one" or self.device in ("auto", "cuda"), "gpus=all needs device auto or cuda"),
             (self.encoder_lr_scale > 0, "encoder_lr_scale must be positive"),
+            (self.encoder_frozen_steps >= 0, "encoder_frozen_steps must be >= 0"),
             (
                 self.seq_len_start >= 0 and 0 < self.seq_len_warmup < 1,
                 "seq_len_start must be >= 0 and seq_len_warmup in (0, 1)",

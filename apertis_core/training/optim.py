@@ -7,14 +7,17 @@ import torch
 import torch.nn as nn
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, encoder_lr_scale: float = 1.0) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, weight_decay: float, encoder_lr_scale: float = 1.0, separate_encoder: bool = False
+) -> list[dict]:
     """Decay 2-D+ weights of linear maps; not gains, biases or embedding tables.
 
     Decaying norm gains and biases pulls them towards 0 rather than towards their neutral values, and
     embedding rows of rare tokens would shrink between their infrequent updates. A tied output head
-    shares the embedding tensor, so it is not decayed either. With `encoder_lr_scale` != 1 the image
-    encoder's parameters (`model.vision`, projector included) form groups of their own whose `lr_scale`
-    multiplies the scheduled learning rate (ScaledAdamW); otherwise the two groups are as they always were.
+    shares the embedding tensor, so it is not decayed either. With `encoder_lr_scale` != 1 (or
+    `separate_encoder`) the image encoder's parameters (`model.vision`, projector included) form groups of
+    their own, marked "encoder", whose `lr_scale` multiplies the scheduled learning rate (ScaledAdamW);
+    otherwise the two groups are as they always were, so older checkpoints' optimizer states still load.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
@@ -30,14 +33,26 @@ def parameter_groups(model: nn.Module, weight_decay: float, encoder_lr_scale: fl
         {"params": no_decay, "weight_decay": 0.0},
     ]
     vision = getattr(model, "vision", None)
-    if encoder_lr_scale == 1.0 or vision is None:
+    if (encoder_lr_scale == 1.0 and not separate_encoder) or vision is None:
         return groups
     encoder = {id(p) for p in vision.parameters()}
     return [
-        {**group, "params": [p for p in group["params"] if (id(p) in encoder) == in_encoder], "lr_scale": scale}
+        {
+            **group,
+            "params": [p for p in group["params"] if (id(p) in encoder) == in_encoder],
+            "lr_scale": scale,
+            "encoder": in_encoder,
+        }
         for in_encoder, scale in ((False, 1.0), (True, encoder_lr_scale))
         for group in groups
     ]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, encoder_frozen: bool = False) -> None:
+    """The scheduled lr for every group; 0 for the image encoder's groups while it is held frozen (with lr 0,
+    AdamW's update and its decoupled weight decay leave the weights exactly as they are)."""
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if encoder_frozen and group.get("encoder") else lr
 
 
 class ScaledAdamW(torch.optim.AdamW):
@@ -61,8 +76,9 @@ def build_optimizer(
     betas: tuple[float, float],
     device: torch.device,
     encoder_lr_scale: float = 1.0,
+    separate_encoder: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) on devices that have the fused implementation."""
     fused = device.type in ("cuda", "cpu")
-    groups = parameter_groups(model, weight_decay, encoder_lr_scale)
+    groups = parameter_groups(model, weight_decay, encoder_lr_scale, separate_encoder)
     return ScaledAdamW(groups, lr=lr, betas=tuple(betas), fused=fused)

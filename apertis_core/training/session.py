@@ -95,7 +95,9 @@ def open_session(
         model=model,
         train_model=wrap_model(model, ctx, cfg.compile, precision),
         # after train_model: FSDP has replaced the parameters by their shards
-        optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, ctx.device, cfg.encoder_lr_scale),
+        optimizer=build_optimizer(
+            model, cfg.lr, cfg.weight_decay, cfg.betas, ctx.device, cfg.encoder_lr_scale, cfg.encoder_frozen_steps > 0
+        ),
         scaler=precision.grad_scaler(),
         schedule=build_schedule(
             cfg.schedule, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps, cfg.decay_fraction

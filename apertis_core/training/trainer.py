@@ -35,6 +35,7 @@ from .distributed import gradient_sync, init_distributed, shutdown_distributed
 from .fsdp import full_model, unsharded, write_shards
 from .hardware import peak_flops, pick_device
 from .measure import train_threads
+from .optim import set_learning_rate
 from .planning import budget_steps
 from .session import Session, capture_state, open_session
 
@@ -142,8 +143,7 @@ class _Loop:
     def _train_step(self) -> None:
         session, ctx = self.session, self.session.ctx
         lr = session.schedule.lr_at(session.step)
-        for group in session.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(session.optimizer, lr, encoder_frozen=session.step < self.cfg.encoder_frozen_steps)
         batches = [next(session.loader) for _ in range(self.cfg.grad_accum)]
         # Normalise by the targets of the whole step on all ranks: the mean per-token loss of the global
         # batch, whatever the padding or chat masks, so N processes do exactly the math of one.

@@ -110,7 +110,10 @@ class ViTPatchEncoder(nn.Module):
                 f"over n_heads, {cfg.n_heads}) divisible by 4; use learned2d or change the widths"
             )
         self.out_width = width
-        self.patchify = nn.Conv2d(3, width, kernel_size=cfg.image_patch_size, stride=cfg.image_patch_size)
+        if cfg.image_stem == "conv":
+            self.patchify: nn.Module = conv_stem(cfg.image_stem_widths(), width)
+        else:
+            self.patchify = nn.Conv2d(3, width, kernel_size=cfg.image_patch_size, stride=cfg.image_patch_size)
         self.row_embed = self.col_embed = None
         if cfg.image_pos == "learned2d":  # kept as direct attributes: bundles store them under these names
             self.row_embed = nn.Embedding(cfg.image_max_patches, width)
@@ -144,6 +147,21 @@ class ViTPatchEncoder(nn.Module):
             x = block(x, mask, rope)
         x = self.norm(x)
         return [x[i, : t.shape[0]] for i, t in enumerate(tokens)]
+
+
+def conv_stem(widths: list[int], width: int) -> nn.Sequential:
+    """(G, 3, H, W) -> (G, width, H / patch, W / patch) through 3x3 convolutions of `widths` channels (the
+    first at stride 1, each later one at stride 2), each batch-normalised and rectified, then a 1x1 to `width`.
+
+    Each token's receptive field reaches about a patch beyond its own, so an object that a patch border
+    cuts is still seen whole; with the conv's padding, any H and W divisible by the patch keep their grid.
+    """
+    layers: list[nn.Module] = []
+    for index, (in_ch, out_ch) in enumerate(zip([3, *widths[:-1]], widths, strict=True)):
+        stride = 1 if index == 0 else 2
+        layers += [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()]
+    layers.append(nn.Conv2d(widths[-1], width, 1))
+    return nn.Sequential(*layers)
 
 
 def pad_sequences(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
