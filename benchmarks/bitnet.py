@@ -21,7 +21,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from benchmarks.common import (
     describe_machine,
     format_bytes,
     format_table,
+    lm_train_step,
     report_machine,
     tensor_bytes,
     time_interleaved,
@@ -91,18 +91,9 @@ def build(name: str, bitnet: bool, lr: float, args, vocab_size: int) -> Trainee:
 
 
 def train_step(trainee: Trainee, ids: torch.Tensor, args) -> None:
-    start = time.perf_counter()
-    model = trainee.model.train()
-    for group in trainee.optimizer.param_groups:
-        group["lr"] = trainee.lr * min(1.0, (trainee.steps + 1) / args.warmup)
-    out = model(ids[:, :-1])
-    loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    trainee.optimizer.step()
-    trainee.optimizer.zero_grad(set_to_none=True)
+    lr = trainee.lr * min(1.0, (trainee.steps + 1) / args.warmup)
+    trainee.step_seconds.append(lm_train_step(trainee.model, trainee.optimizer, ids, lr))
     trainee.steps += 1
-    trainee.step_seconds.append(time.perf_counter() - start)
 
 
 def batch_at(train_ids: torch.Tensor, step: int, args) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
@@ -69,6 +70,26 @@ def time_interleaved(
             sync()
             timings[name].seconds.append((time.perf_counter() - start) / calls_per_round)
     return timings
+
+
+def lm_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, lr: float) -> float:
+    """One next-token step on (B, T + 1) token windows at `lr`, gradients clipped at 1; returns its seconds.
+
+    The labels go to the model too, so a looped model adds its exit and confidence losses (out.aux_loss).
+    """
+    from apertis_core.training.optim import set_learning_rate
+
+    start = time.perf_counter()
+    model.train()
+    set_learning_rate(optimizer, lr)
+    inputs, labels = windows[:, :-1], windows[:, 1:]
+    out = model(inputs, labels=labels)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten()) + out.aux_loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def cpu_model() -> str:

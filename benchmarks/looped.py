@@ -22,14 +22,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import describe_machine, format_table
+from benchmarks.common import describe_machine, format_table, lm_train_step
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 MODEL = {"d_model": 128, "n_heads": 4, "n_layers": 4}  # benchmarks/train.py's CPU size of apertis-nano
@@ -88,19 +87,9 @@ def build(loops: int, args, vocab_size: int) -> Trainee:
 
 
 def train_step(trainee: Trainee, ids: torch.Tensor, args) -> None:
-    start = time.perf_counter()
-    model = trainee.model.train()
-    for group in trainee.optimizer.param_groups:
-        group["lr"] = args.lr * min(1.0, (trainee.steps + 1) / args.warmup)
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    out = model(inputs, labels=labels)  # a looped model's exit and confidence losses come back in aux_loss
-    loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten()) + out.aux_loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    trainee.optimizer.step()
-    trainee.optimizer.zero_grad(set_to_none=True)
+    lr = args.lr * min(1.0, (trainee.steps + 1) / args.warmup)
+    trainee.seconds.append(lm_train_step(trainee.model, trainee.optimizer, ids, lr))
     trainee.steps += 1
-    trainee.seconds.append(time.perf_counter() - start)
 
 
 def batch_at(train_ids: torch.Tensor, step: int, args) -> torch.Tensor:
