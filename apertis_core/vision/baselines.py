@@ -54,6 +54,18 @@ class ConvTrunk(nn.Module):
         return self.net(images)  # (B, C, H / 16, W / 16)
 
 
+def answer_mlp(in_width: int, width: int, n_answers: int) -> nn.Sequential:
+    """Santoro et al.'s answer classifier: two ReLU layers, dropout 0.5, then the answer logits."""
+    return nn.Sequential(
+        nn.Linear(in_width, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(width, n_answers),
+    )
+
+
 class CNNMLP(nn.Module):
     """CNN feature map, flattened, beside the question -> MLP -> answer logits."""
 
@@ -61,14 +73,7 @@ class CNNMLP(nn.Module):
         super().__init__()
         self.trunk = ConvTrunk(channels)
         cells = (-(-image_size // 16)) ** 2  # each stride-2 layer halves a side, rounding up
-        self.mlp = nn.Sequential(
-            nn.Linear(channels * cells + n_words, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(width, n_answers),
-        )
+        self.mlp = answer_mlp(channels * cells + n_words, width, n_answers)
 
     def forward(
         self, images: torch.Tensor, questions: torch.Tensor, image_of: torch.Tensor | None = None
@@ -94,14 +99,7 @@ class RelationNetwork(nn.Module):
         self.g = nn.Sequential(
             nn.ReLU(), nn.Linear(g_width, g_width), nn.ReLU(), nn.Linear(g_width, g_width), nn.ReLU()
         )
-        self.f = nn.Sequential(
-            nn.Linear(g_width, f_width),
-            nn.ReLU(),
-            nn.Linear(f_width, f_width),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(f_width, n_answers),
-        )
+        self.f = answer_mlp(g_width, f_width, n_answers)
 
     def forward(
         self, images: torch.Tensor, questions: torch.Tensor, image_of: torch.Tensor | None = None
