@@ -1,5 +1,7 @@
 """Shared pytest fixtures: tiny model configs and the repository paths tests use."""
 
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,23 @@ def studio_url(tmp_path):
         from benchmarks.studio import stop_studio  # one way to stop it, shared with the studio benchmark
 
         stop_studio(proc)
+
+
+def write_colour_questions(folder, n: int, seed: int) -> None:
+    """One shape per 32 px picture; "What colour is the shape?" -> its colour (learnable in a few dozen steps)."""
+    from apertis_core.data.shapes import make_scene, render
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(n):
+        scene = make_scene(rng, size=32, n_objects=1, radius=6)
+        render(scene).save(folder / "images" / f"{index}.png")
+        ask = {"role": "user", "content": "<image>\nWhat colour is the shape?"}
+        rows.append(
+            {
+                "image": f"images/{index}.png",
+                "messages": [ask, {"role": "assistant", "content": scene.objects[0].colour}],
+            }
+        )
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -6,30 +6,14 @@ import random
 
 from apertis_core import GenerationConfig, generate, load_bundle
 from apertis_core.data import load_dataset
-from apertis_core.data.shapes import COLOURS, SHAPES, Scene, Shape, make_scene, render
+from apertis_core.data.shapes import COLOURS, SHAPES, Scene, Shape, render
 from apertis_core.evaluation import exact_match
 from apertis_core.training import RunConfig, train
 from apertis_core.vision import preprocess_image
 
-RADIUS = 6  # a shape a few patches wide: the test is about wiring and learning, not acuity
+from conftest import write_colour_questions
+
 SIZE = 32
-
-
-def write_colour_set(folder, n: int, seed: int) -> None:
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for index in range(n):
-        scene = make_scene(rng, size=SIZE, n_objects=1, radius=RADIUS)
-        render(scene).save(folder / "images" / f"{index}.png")
-        question = {"role": "user", "content": "<image>\nWhat colour is the shape?"}
-        rows.append(
-            {
-                "image": f"images/{index}.png",
-                "messages": [question, {"role": "assistant", "content": scene.objects[0].colour}],
-            }
-        )
-    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def greedy_answer(model, tokenizer, record) -> str:
@@ -41,8 +25,8 @@ def greedy_answer(model, tokenizer, record) -> str:
 
 
 def test_tiny_model_learns_the_colour_of_a_single_shape(tmp_path):
-    write_colour_set(tmp_path / "train", 600, seed=0)
-    write_colour_set(tmp_path / "test", 120, seed=1)
+    write_colour_questions(tmp_path / "train", 600, seed=0)
+    write_colour_questions(tmp_path / "test", 120, seed=1)
     run = RunConfig.from_dict({
         "model": {
             "preset": "apertis-nano", "d_model": 64, "n_layers": 2, "n_heads": 2, "n_experts": 0,

@@ -13,13 +13,13 @@ from PIL import Image
 from apertis_core import ApertisModel, ConfigError, ModelConfig, load_bundle
 from apertis_core.data import BatchLoader, DataConfig, Record, build_datasets, load_dataset
 from apertis_core.data.dataset import IGNORE_INDEX
-from apertis_core.data.shapes import generate_shapes, make_scene, render
+from apertis_core.data.shapes import generate_shapes
 from apertis_core.tokenizer import Tokenizer
 from apertis_core.training import RunConfig, train
 from apertis_core.vision import ImageCache, num_image_tokens, preprocess_image
 from apertis_core.vision.encoder import UnifiedMultimodalEncoder
 
-from conftest import tiny_image_config
+from conftest import tiny_image_config, write_colour_questions
 
 TOK = Tokenizer.byte_level()
 WHITE, RED = (255, 255, 255), (255, 0, 0)
@@ -113,24 +113,6 @@ def test_patch_tokens_fill_the_image_positions_in_order():
     # Row-major over (sample, position): sample 0's picture, then sample 1's two in order, then sample 2's.
     assert torch.equal(x[slots], torch.cat(patches))
     assert torch.equal(x[~slots], model.embed(ids)[~slots])
-
-
-def write_colour_questions(folder, n: int, seed: int) -> None:
-    """One shape per 32 px picture; "What colour is the shape?" -> its colour (learnable in a few dozen steps)."""
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for index in range(n):
-        scene = make_scene(rng, size=32, n_objects=1, radius=6)
-        render(scene).save(folder / "images" / f"{index}.png")
-        ask = {"role": "user", "content": "<image>\nWhat colour is the shape?"}
-        rows.append(
-            {
-                "image": f"images/{index}.png",
-                "messages": [ask, {"role": "assistant", "content": scene.objects[0].colour}],
-            }
-        )
-    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def answer_loss(model, dataset, cache, order) -> float:
