@@ -28,16 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    add_race_arguments,
     describe_machine,
     format_bytes,
     format_table,
     lm_train_step,
+    parse_race_arguments,
     report_machine,
     tensor_bytes,
     time_interleaved,
 )
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 QUICK_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 2, "sla_chunk_size": 8}
 
 
@@ -54,26 +55,16 @@ class Trainee:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bitnet", description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="tinyshakespeare.txt")
+    add_race_arguments(parser, warmup=30, val_windows=32)
     parser.add_argument("--preset", default="apertis-nano")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each model")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bitnet-lr", type=float, help="peak rate of the BitNet model (default --lr)")
-    parser.add_argument("--warmup", type=int, default=30, help="linear warm-up steps, then a constant rate")
-    parser.add_argument("--val-windows", type=int, default=32, help="validation windows of seq-len characters")
     parser.add_argument("--prompt", type=int, default=64, help="decode: prompt tokens before the timed steps")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode: steps per timed round")
     parser.add_argument("--repeats", type=int, default=7, help="decode: timed rounds per model")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the benchmark runs")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    if not args.corpus.is_file():
-        parser.error(f"{args.corpus} not found; pass --corpus PATH to tinyshakespeare.txt")
+    args = parse_race_arguments(parser, argv)
     if args.quick:
         args.steps, args.eval_every, args.batch, args.seq_len, args.warmup = 4, 2, 2, 32, 1
         args.val_windows, args.prompt, args.decode_tokens, args.repeats = 2, 8, 4, 2

@@ -8,6 +8,7 @@ numbers to read; absolute times move with the machine's load, which `describe_ma
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -70,6 +71,29 @@ def time_interleaved(
             sync()
             timings[name].seconds.append((time.perf_counter() - start) / calls_per_round)
     return timings
+
+
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"  # shipped: public domain
+
+
+def add_race_arguments(parser: argparse.ArgumentParser, warmup: int, val_windows: int) -> None:
+    """The options every side-by-side character-level race on tinyshakespeare takes (BitNet, looped depth)."""
+    parser.add_argument("--corpus", type=Path, default=SHAKESPEARE, help="tinyshakespeare.txt")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps, then a constant rate")
+    parser.add_argument("--val-windows", type=int, default=val_windows, help="validation windows of seq-len characters")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a busy machine)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the benchmark runs")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+
+
+def parse_race_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if not args.corpus.is_file():
+        parser.error(f"{args.corpus} not found; pass --corpus PATH to tinyshakespeare.txt")
+    return args
 
 
 def lm_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, lr: float) -> float:

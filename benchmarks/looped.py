@@ -23,14 +23,18 @@ import json
 import statistics
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import describe_machine, format_table, lm_train_step
+from benchmarks.common import (
+    add_race_arguments,
+    describe_machine,
+    format_table,
+    lm_train_step,
+    parse_race_arguments,
+)
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 MODEL = {"d_model": 128, "n_heads": 4, "n_layers": 4}  # benchmarks/train.py's CPU size of apertis-nano
 QUICK_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 3, "sla_chunk_size": 8}
 EASY_LINE = "To be, or not to be, that is the question.\n"
@@ -51,21 +55,11 @@ class Trainee:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.looped", description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="tinyshakespeare.txt")
+    add_race_arguments(parser, warmup=20, val_windows=16)
     parser.add_argument("--loops", default="1,2,4", help="comma-separated max_loops values to compare")
     parser.add_argument("--loop-blocks", default="1-2", help="model.loop_blocks of the looped models")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of the equal-steps comparison")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then a constant rate")
-    parser.add_argument("--val-windows", type=int, default=16, help="validation windows of seq-len characters")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a busy machine)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the benchmark runs")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    if not args.corpus.is_file():
-        parser.error(f"{args.corpus} not found; pass --corpus PATH to tinyshakespeare.txt")
+    args = parse_race_arguments(parser, argv)
     if args.quick:
         args.steps, args.batch, args.seq_len, args.warmup, args.val_windows = 3, 2, 32, 1, 2
     return args
