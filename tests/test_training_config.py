@@ -25,7 +25,7 @@ def run_yaml(tmp_path):
 
 def test_load_applies_preset_then_file_then_overrides(run_yaml):
     run = RunConfig.load(run_yaml, ["train.lr=1e-3", "model.n_layers=2", "train.betas=0.9,0.99", "out_dir=runs/y"])
-    assert run.model.preset == "apertis-nano" and run.model.n_experts == 4  # from the preset
+    assert run.model.preset == "apertis-nano" and run.model.n_experts == 8  # from the preset
     assert (run.model.d_model, run.model.n_layers) == (128, 2)
     assert (run.train.lr, run.train.max_steps, run.train.betas) == (1e-3, 500, (0.9, 0.99))
     assert run.data.seq_len == 64 and run.out_dir == "runs/y"
