@@ -226,7 +226,7 @@ def test_registry_callback_batches_records_and_relays_stop(tmp_path):
     callback.close()
 
 
-def tiny_run_yaml(data_path, steps=6):
+def tiny_run_yaml(data_path, steps=6, save_every=2):
     import yaml
 
     return yaml.safe_dump(
@@ -237,7 +237,7 @@ def tiny_run_yaml(data_path, steps=6):
                 "max_steps": steps,
                 "batch_size": 2,
                 "log_every": 1,
-                "save_every": 2,
+                "save_every": save_every,
                 "eval_every": 3,
                 "eval_batches": 1,
                 "warmup_steps": 1,
@@ -260,12 +260,17 @@ def worker_log(run):
     return (Path(run["out_dir"]) / "worker.log").read_text()
 
 
+STOP_RESUME_STEPS = 400
+
+
 def test_real_run_stop_resume_finish_and_train_more(tmp_path):
     from apertis_core.data.demo_text import write_demo_text
 
     manager = JobManager(Store(tmp_path))
     data = write_demo_text(tmp_path / "data" / "sample.txt", lines=200)
-    run = manager.submit("tiny", tiny_run_yaml(data, steps=40))
+    # enough steps that the run is still training when the registry first shows a step (records arrive in
+    # half-second batches, and on a quiet machine 40 tiny steps fit in one); stopping saves a checkpoint
+    run = manager.submit("tiny", tiny_run_yaml(data, steps=STOP_RESUME_STEPS, save_every=100))
     assert wait_for(lambda: manager.store.get_run(run["id"])["step"] >= 1, 120, 0.05)
     manager.stop(run["id"])
     _wait_status(manager, run["id"], ["stopped", "interrupted", "failed"])
@@ -275,13 +280,13 @@ def test_real_run_stop_resume_finish_and_train_more(tmp_path):
     assert "resume from step_" in manager.resume(run["id"])
     _wait_status(manager, run["id"], ["finished", "failed", "interrupted"])
     done = manager.store.get_run(run["id"])
-    assert done["status"] == "finished" and done["step"] == 40, done["log_tail"]
+    assert done["status"] == "finished" and done["step"] == STOP_RESUME_STEPS, done["log_tail"]
     steps = manager.store.series(run["id"], "train/loss")[0]
-    assert steps == list(range(1, 41))  # resumed steps are not counted twice
+    assert steps == list(range(1, STOP_RESUME_STEPS + 1))  # resumed steps are not counted twice
     assert [m["kind"] for m in manager.store.list_models()] == ["bundle"]
     manager.train_more(run["id"], 2)
     _wait_status(manager, run["id"], ["finished", "failed", "interrupted"])
-    assert manager.store.get_run(run["id"])["step"] == 42
+    assert manager.store.get_run(run["id"])["step"] == STOP_RESUME_STEPS + 2
 
 
 def test_real_run_failure_records_reason_and_log_tail(tmp_path):
