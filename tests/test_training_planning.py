@@ -9,7 +9,7 @@ import torch
 from test_training import tiny_run
 
 from apertis_core import ApertisModel, ConfigError
-from apertis_core.training import TrainConfig, plan_run, read_metrics, train
+from apertis_core.training import TrainConfig, hardware, plan_run, read_metrics, train
 from apertis_core.training.hardware import peak_flops, pick_device
 from apertis_core.training.measure import Measurement, measure_run
 from apertis_core.training.optim import parameter_groups
@@ -143,7 +143,27 @@ def test_device_and_precision_choices():
 def test_peak_flops_is_measured_once_and_plausible():
     first = peak_flops(torch.device("cpu"), torch.float32)
     assert 1e8 < first < 1e14
-    assert peak_flops(torch.device("cpu"), torch.float32) == first  # cached: MFU uses one fixed peak
+    assert peak_flops(torch.device("cpu"), torch.float32) == first  # cached until a run asks to re-measure
+
+
+def test_a_remeasured_peak_keeps_the_best_reading(monkeypatch):
+    # A reading taken while another program loaded the machine is low; MFU must not be computed against it
+    # once a quieter moment has shown what the machine reaches.
+    readings = iter([(512, 2e9), (1024, 5e9), (1024, 3e9)])
+    starts = []
+
+    def fake_measure(device, dtype, n):
+        starts.append(n)
+        return next(readings)
+
+    monkeypatch.setattr(hardware, "_best_peaks", {})
+    monkeypatch.setattr(hardware, "_measure_peak", fake_measure)
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, torch.float32) == 2e9
+    assert peak_flops(cpu, torch.float32) == 2e9  # no re-measurement unless asked
+    assert peak_flops(cpu, torch.float32, remeasure=True) == 5e9
+    assert peak_flops(cpu, torch.float32, remeasure=True) == 5e9  # a later, busier reading does not lower it
+    assert starts == [256, 512, 1024]  # each re-measurement starts at the size the last one settled on
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():

@@ -255,6 +255,7 @@ class _Loop:
         session = self.session
         if len(session.val_data) == 0:
             return None
+        self.peak = peak_flops(session.ctx.device, session.precision.dtype, remeasure=True)
         session.model.eval()  # the plain module: no DDP collectives, so ranks may see different batch counts
         total = count = 0.0
         loader = session.val_loader()
