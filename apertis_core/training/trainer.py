@@ -80,6 +80,11 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+# The matmul peak is measured again at evaluations this far apart (a measurement takes a fraction of a
+# second; runs that evaluate every few steps must not spend their time on it).
+PEAK_REMEASURE_SECONDS = 60.0
+
+
 class _Loop:
     def __init__(self, run: RunConfig, session: Session, sinks: Callback, started: float):
         self.run_config, self.cfg, self.session, self.sinks = run, run.train, session, sinks
@@ -94,6 +99,7 @@ class _Loop:
         )
         self.flops_per_token = session.model.flops_per_token(run.data.seq_len)
         self.peak = peak_flops(session.ctx.device, session.precision.dtype)
+        self.peak_measured = time.perf_counter()
         self.window = self._new_window()
         self.loop_started = self.window["time"]
         self.lr = session.schedule.lr_at(session.step)  # the latest step's rate and gradient norm, for logs
@@ -255,7 +261,9 @@ class _Loop:
         session = self.session
         if len(session.val_data) == 0:
             return None
-        self.peak = peak_flops(session.ctx.device, session.precision.dtype, remeasure=True)
+        if time.perf_counter() - self.peak_measured >= PEAK_REMEASURE_SECONDS:
+            self.peak = peak_flops(session.ctx.device, session.precision.dtype, remeasure=True)
+            self.peak_measured = time.perf_counter()
         session.model.eval()  # the plain module: no DDP collectives, so ranks may see different batch counts
         total = count = 0.0
         loader = session.val_loader()
