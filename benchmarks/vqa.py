@@ -32,7 +32,7 @@ RECIPE = {
     "model": {
         "preset": "apertis-nano",
         "d_model": 128,
-        "n_heads": 4,
+        "n_heads": 16,  # 8 wide: narrow heads find the named object among 64 patches (docs/MULTIMODAL.md)
         "n_layers": 4,
         "n_experts": 0,
         "image_encoder": "vit",
