@@ -163,7 +163,7 @@ def test_the_demo_model_fine_tunes_from_the_command_line_and_chats(tmp_path):
         "README.md",
     }
     weights = load_file(final / ADAPTER_WEIGHTS)
-    assert any(".mixer.qkv." in n for n in weights) and not any(n.startswith("vision.") for n in weights)
+    assert any(".mixer.in_proj." in n for n in weights) and not any(n.startswith("vision.") for n in weights)
     model, tokenizer = load_bundle(final)  # the loader finds the demo base and folds the adapter in
     reply = list(generate(model, tokenizer.encode("The red"), GenerationConfig(max_new_tokens=4, seed=0)))
     assert len(reply) == 4
@@ -229,9 +229,13 @@ def test_the_studio_form_starts_from_a_listed_model_and_plans_the_lora_run(tmp_p
     assert ("none: a new model of the chosen size", "") in start_model_options(services)
     assert demo_id in [value for _, value in start_model_options(services)]
 
-    mapping = run_config.run_mapping(services, data_id, "apertis-nano", {**form, "start_from": demo_id, "lora_rank": 4})
+    # the architecture comes from the base model, not from the form's preset
+    mapping = run_config.run_mapping(
+        services, data_id, "transformer-nano", {**form, "start_from": demo_id, "lora_rank": 4}
+    )
     assert mapping["finetune"]["base"] == str(DEMO) and mapping["finetune"]["method"] == "lora"
-    assert mapping["finetune"]["rank"] == 4 and mapping["model"]["preset"] == "apertis-hybrid-nano"
+    demo_preset = json.loads((DEMO / "config.json").read_text())["preset"]
+    assert mapping["finetune"]["rank"] == 4 and mapping["model"]["preset"] == demo_preset != "transformer-nano"
     assert mapping["data"]["tokenizer"] == str(DEMO / "tokenizer.json")
     assert "finetune" in run_config.run_mapping(services, data_id, "apertis-nano", form)  # the section is always there
     assert run_config.run_mapping(services, data_id, "apertis-nano", form)["finetune"]["base"] == ""
