@@ -66,8 +66,10 @@ _RUN_FIELDS = {
 
 
 def new_id(prefix: str) -> str:
-    """Sortable, readable and unique enough for one workspace: prefix-YYYYmmdd-HHMMSS-xxxx."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """Sortable, readable and unique in a workspace: prefix-YYYYmmdd-HHMMSS-xxxxxxxx.
+
+    32 random bits, because many ids can be made within one second (16 bits collided in a test)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 class Store:
