@@ -40,9 +40,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, remeasure: bool = False
     `remeasure` at its evaluations and keeps the best figure.
     """
     key = (str(device), str(dtype).removeprefix("torch."))
-    if key not in _best_peaks or remeasure:
-        size, flops = _measure_peak(torch.device(key[0]), getattr(torch, key[1]), _best_peaks.get(key, (256, 0.0))[0])
-        _best_peaks[key] = (size, max(flops, _best_peaks.get(key, (size, 0.0))[1]))
+    size, best = _best_peaks.get(key, (256, 0.0))
+    if remeasure or not best:
+        size, flops = _measure_peak(device, dtype, size)
+        _best_peaks[key] = (size, max(flops, best))
     return _best_peaks[key][1]
 
 
