@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .configio import ConfigError, coerce
-from .model.config import ModelConfig
+from .model.config import PLACE_FREQUENCIES, ModelConfig
 
 # Set to 1 to skip the free-memory comparison (the absurd-value checks still apply): for a machine whose
 # free memory is misreported, or when you know the estimate is too cautious for your case.
@@ -169,8 +169,9 @@ def _layer_parameters(cfg: ModelConfig, layer: int) -> int:
         total += 3 * d * cfg.dense_hidden()  # gate_up (2 x hidden) and down
     if cfg.uses_strc(layer):
         total += d + 4 * d * cfg.strc_width()  # its norm, in_proj (3 x width) and out_proj
-    if cfg.uses_cross_attn(layer):  # two norms, q, kv and out projections, the gate
+    if cfg.uses_cross_attn(layer):  # two norms, q, kv and out projections, the gate, the place map
         total += 2 * d + 4 * d * cfg.n_heads * cfg.dim_head() + 1
+        total += 2 * cfg.n_heads * cfg.dim_head() * 4 * PLACE_FREQUENCIES if cfg.cross_attn_pos else 0
     return total
 
 

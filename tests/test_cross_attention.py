@@ -16,12 +16,13 @@ from apertis_core import ApertisModel, Tokenizer, load_bundle, save_bundle
 from apertis_core.cli.main import main
 from apertis_core.configio import ConfigError
 from apertis_core.generation import GenerationConfig, can_batch, generate, generate_many
-from apertis_core.model.cross_attention import GatedCrossAttention
+from apertis_core.model.config import PLACE_FREQUENCIES
+from apertis_core.model.cross_attention import GatedCrossAttention, ImageMemory
 from apertis_core.sizing import parameter_count
 from apertis_core.training import TrainConfig
 from apertis_core.training.optim import build_optimizer
 from apertis_core.vision import num_image_tokens
-from apertis_core.vision.positions import Rope2D, grid_positions
+from apertis_core.vision.positions import Rope2D, grid_positions, patch_places
 
 from conftest import tiny_config
 
@@ -49,9 +50,11 @@ def with_images(*images, text=(10, 11, 12, 13, 14)):
 
 
 @pytest.mark.parametrize("preset", ["apertis-nano", "apertis-hybrid-nano"])
-@pytest.mark.parametrize("image_pos", ["learned2d", "rope2d", "none"])
+@pytest.mark.parametrize("image_pos", ["learned2d", "rope2d", "none", "learned2d+places"])
 def test_step_after_the_prompt_matches_the_parallel_forward(preset, image_pos):
-    model = open_gates(ApertisModel(image_config(preset, cross_attn_every=2, image_pos=image_pos)).eval())
+    pos, places = image_pos.split("+")[0], image_pos.endswith("+places")
+    config = image_config(preset, cross_attn_every=2, image_pos=pos, cross_attn_pos=places)
+    model = open_gates(ApertisModel(config).eval())
     images = [torch.rand(3, 8, 32), torch.rand(3, 16, 16)]
     ids = with_images(*images)
     with torch.no_grad():
@@ -126,7 +129,13 @@ def test_options_off_or_gates_closed_change_nothing():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"cross_attn_every": 1}, {"cross_attn_every": 2, "image_pos": "rope2d"}, {"image_pos": "none"}],
+    [
+        {},
+        {"cross_attn_every": 1},
+        {"cross_attn_every": 2, "image_pos": "rope2d"},
+        {"image_pos": "none"},
+        {"cross_attn_every": 1, "cross_attn_pos": True},
+    ],
 )
 def test_sizing_counts_the_new_parameters(overrides):
     cfg = image_config("apertis-hybrid-nano", **overrides)
@@ -231,3 +240,47 @@ def test_bundles_from_before_these_fields_still_load(tmp_path):
     ids = torch.tensor([[1] + [tokenizer.image_id] * 2 + [40, 41]])
     with torch.no_grad():
         assert torch.equal(loaded(ids, images=[image]).logits, model(ids, images=[image]).logits)
+
+
+def test_patch_places_tell_the_halves_apart_on_every_grid():
+    for rows, cols in [(8, 8), (2, 6), (5, 3)]:
+        places = patch_places(rows, cols, "cpu")
+        grid = grid_positions(rows, cols, "cpu")
+        assert places.shape == (rows * cols, 4 * PLACE_FREQUENCIES)
+        # cos(pi * u) of the row, then of the column: positive exactly in the top / left half
+        assert torch.equal(places[:, 0] > 1e-6, grid[:, 0] < (rows - 1) / 2)
+        assert torch.equal(places[:, PLACE_FREQUENCIES * 2] > 1e-6, grid[:, 1] < (cols - 1) / 2)
+    # a place is a fraction of the picture: the same spot on a finer grid has the same features
+    assert torch.allclose(patch_places(2, 2, "cpu")[0], patch_places(6, 6, "cpu")[7], atol=1e-6)
+
+
+def test_each_sample_reads_the_places_of_its_own_images():
+    model = ApertisModel(image_config(cross_attn_every=1, cross_attn_pos=True))
+    first, second, third = torch.rand(3, 8, 32), torch.rand(3, 16, 16), torch.rand(3, 24, 8)
+    ids = torch.cat([with_images(first, second, text=(10,) * 9), with_images(third, text=(10,) * 15)])
+    caught = []
+    block = next(b for b in model.blocks if b.xattn is not None)
+    block.xattn.register_forward_pre_hook(lambda module, args: caught.append(args[1]))
+    model(ids, images=[first, second, third])
+    places = caught[0].places
+    assert torch.equal(places[0], torch.cat([patch_places(1, 4, "cpu"), patch_places(2, 2, "cpu")]))
+    assert torch.equal(places[1, :3], patch_places(3, 1, "cpu"))
+    assert torch.equal(places[1, 3:], torch.zeros(5, 4 * PLACE_FREQUENCIES))  # padding slots, never visible
+
+
+def test_the_answer_reads_where_a_patch_is_and_the_option_off_reads_the_same_as_before():
+    cfg = image_config(cross_attn_every=1, cross_attn_pos=True)
+    layer = open_gates(GatedCrossAttention(cfg))
+    torch.nn.init.normal_(layer.place.weight)
+    patches, text = torch.randn(1, 4, cfg.d_model), torch.randn(1, 3, cfg.d_model)
+    positions = torch.arange(4)[None]
+    here, there = patch_places(2, 2, "cpu"), patch_places(2, 2, "cpu").flip(0)  # same patches, other places
+    with torch.no_grad():
+        reads = [layer(text, ImageMemory(patches, positions, places[None]))[0] for places in (here, there)]
+        assert (reads[0] - reads[1]).abs().max() > 1e-3
+        off = open_gates(GatedCrossAttention(image_config(cross_attn_every=1)))
+        off.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("place.")})
+        layer.place.weight.zero_()
+        assert torch.equal(
+            layer(text, ImageMemory(patches, positions, here[None]))[0], off(text, ImageMemory(patches, positions))[0]
+        )

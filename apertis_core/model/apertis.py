@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..image_tokens import expand_image_tokens, num_image_tokens
+from ..image_tokens import expand_image_tokens, num_image_tokens, patch_grid
 from ..vision.encoder import UnifiedMultimodalEncoder
+from ..vision.positions import patch_places
 from .attention import SoftmaxAttention
 from .bitnet import use_bitlinear
 from .config import ModelConfig
@@ -146,7 +147,13 @@ class ApertisModel(nn.Module):
                 f"the text has {int(slots.sum())} image positions but the images give {image_tokens.shape[0]} patch "
                 "tokens; expand each <image> to its patch count before calling the model"
             )
-        memory = image_memory(slots, image_tokens) if self.config.cross_attn_every else None
+        memory = None
+        if self.config.cross_attn_every:
+            places = None
+            if self.config.cross_attn_pos:
+                grids = [patch_grid(image, self.config.image_patch_size) for image in images]
+                places = torch.cat([patch_places(rows, cols, x.device) for rows, cols in grids])
+            memory = image_memory(slots, image_tokens, places)
         return x.masked_scatter(slots[..., None], image_tokens.to(x.dtype)), memory
 
     def expand_image_tokens(self, ids: list[int], images: list[torch.Tensor]) -> list[int]:

@@ -17,6 +17,10 @@ from ..configio import (
     write_mapping,
 )
 
+# cross_attn_pos: sin/cos frequencies per axis of a patch's place (vision.positions.patch_places); the lowest,
+# half a period over the picture, alone tells left from right.
+PLACE_FREQUENCIES = 4
+
 
 @dataclass
 class ModelConfig:
@@ -90,6 +94,10 @@ class ModelConfig:
     # Start of each cross-attention layer's tanh gate. 0 starts as a no-op (Flamingo, for adding it to a
     # trained model); 1 reached 91% on the two-object task in 600 steps where 0 reached 58% (docs/MULTIMODAL.md).
     cross_attn_gate_init: float = 1.0
+    # Add each patch's place in its picture to the cross-attention keys and values (fixed 2-D sin/cos features of
+    # its row and column, through a learned map per layer, docs/MULTIMODAL.md): answers such as "left or right"
+    # read the place from the value without relying on the encoder to keep its input positions.
+    cross_attn_pos: bool = False
 
     # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
     # small confidence head decides per token whether another pass is needed. Off (1): it did not pay at nano scale.

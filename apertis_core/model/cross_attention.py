@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import PLACE_FREQUENCIES, ModelConfig
 from .layers import RMSNorm, mark_residual_output, rms_normalize
 
 NEVER = torch.iinfo(torch.long).max  # the position of a padding entry: no query is ever at or after it
@@ -31,11 +31,15 @@ class ImageMemory:
 
     tokens: torch.Tensor  # (B, M, D) patch embeddings, each sample's images in order, right-padded
     positions: torch.Tensor  # (B, M) long: each patch's index in this call's input_ids; NEVER on padding
+    places: torch.Tensor | None = None  # (B, M, F) each patch's place in its picture (vision.positions.patch_places)
 
 
-def image_memory(slots: torch.Tensor, patch_tokens: torch.Tensor) -> ImageMemory:
+def image_memory(
+    slots: torch.Tensor, patch_tokens: torch.Tensor, patch_places: torch.Tensor | None = None
+) -> ImageMemory:
     """slots: (B, T) bool, True at image positions; patch_tokens: (sum of slots, D) in row-major slot order
-    (the order `masked_scatter` fills them in), so sample b's rows are its own images' patches."""
+    (the order `masked_scatter` fills them in), so sample b's rows are its own images' patches; patch_places,
+    (sum of slots, F) in the same order, when the layers read them."""
     counts = slots.sum(1)  # (B,)
     width = int(counts.max()) if slots.numel() else 0
     real = torch.arange(width, device=slots.device)[None, :] < counts[:, None]  # (B, M)
@@ -43,7 +47,11 @@ def image_memory(slots: torch.Tensor, patch_tokens: torch.Tensor) -> ImageMemory
     tokens[real] = patch_tokens  # boolean indexing walks (b, m) row-major: the same order as the slots
     positions = torch.full(real.shape, NEVER, dtype=torch.long, device=slots.device)
     positions[real] = slots.nonzero()[:, 1]  # nonzero() lists (b, t) row-major too
-    return ImageMemory(tokens, positions)
+    places = None
+    if patch_places is not None:
+        places = patch_places.new_zeros(*real.shape, patch_places.shape[-1])
+        places[real] = patch_places
+    return ImageMemory(tokens, positions, places)
 
 
 class GatedCrossAttention(nn.Module):
@@ -59,6 +67,8 @@ class GatedCrossAttention(nn.Module):
         self.q = nn.Linear(cfg.d_model, inner, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
         self.out = mark_residual_output(nn.Linear(inner, cfg.d_model, bias=False))
+        # The patch's place, added to its key and value: the value then says where the found object is.
+        self.place = nn.Linear(4 * PLACE_FREQUENCIES, 2 * inner, bias=False) if cfg.cross_attn_pos else None
         self.gate = nn.Parameter(torch.full((), cfg.cross_attn_gate_init))  # 0: the layer starts as a no-op
 
     def init_state(self, batch_size: int, device, dtype) -> dict:
@@ -96,12 +106,12 @@ class GatedCrossAttention(nn.Module):
         }
 
     def _keys(self, memory: ImageMemory, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        k, v = (
-            self.kv(self.memory_norm(memory.tokens))
-            .unflatten(-1, (2 * self.heads, self.head_dim))
-            .transpose(1, 2)
-            .chunk(2, dim=1)
-        )  # each (B, H, M, Dh)
+        kv = self.kv(self.memory_norm(memory.tokens))
+        if self.place is not None:
+            if memory.places is None:
+                raise ValueError("this model's cross-attention reads patch places; build ImageMemory with them")
+            kv = kv + self.place(memory.places.to(kv.dtype))
+        k, v = kv.unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2).chunk(2, dim=1)  # each (B, H, M, Dh)
         k = rms_normalize(k, self.eps) if self.qk_norm else k
         return k, v, memory.positions + past * (memory.positions != NEVER)  # padding stays NEVER
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.config import PLACE_FREQUENCIES
 from ..model.layers import Rotary
 
 
@@ -38,3 +39,15 @@ def grid_positions(rows: int, cols: int, device) -> torch.Tensor:
     r = torch.arange(rows, device=device).repeat_interleave(cols)
     c = torch.arange(cols, device=device).repeat(rows)
     return torch.stack([r, c], dim=-1)
+
+
+def patch_places(rows: int, cols: int, device) -> torch.Tensor:
+    """(rows * cols, 4 * PLACE_FREQUENCIES) float: cos and sin of k * pi * u for k = 1..PLACE_FREQUENCIES, where u
+    is the patch centre's fraction of the picture's height, then of its width, in row-major order.
+
+    Fractions rather than indices, so a place means the same on every grid; cos(pi * u) is positive on the top
+    (left) half and negative on the other, so the halves are one linear read apart."""
+    grid = grid_positions(rows, cols, device).float()
+    fraction = (grid + 0.5) / torch.tensor([rows, cols], device=device)  # (N, 2)
+    angles = fraction[..., None] * torch.pi * torch.arange(1, PLACE_FREQUENCIES + 1, device=device)  # (N, 2, K)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).flatten(1)
