@@ -41,6 +41,7 @@ RECIPE = {
         "image_max_patches": 64,
         "image_encoder_layers": 1,
         "cross_attn_every": 1,
+        "cross_attn_pos": True,  # patch places in the cross-attention, held at zero until the lookup has formed
         "max_seq_len": 512,
     },
     "data": {"seq_len": 384, "vocab_size": 1024, "val_fraction": 0.01, "image_augment": False},
@@ -49,6 +50,7 @@ RECIPE = {
         "lr": 2e-3,
         "encoder_frozen_steps": 600,
         "encoder_lr_scale": 0.1,
+        "places_frozen_steps": 1500,
         "warmup_steps": 50,
         "schedule": "wsd",
         "decay_fraction": 0.3,

@@ -19,8 +19,8 @@ from apertis_core.generation import GenerationConfig, can_batch, generate, gener
 from apertis_core.model.config import PLACE_FREQUENCIES
 from apertis_core.model.cross_attention import GatedCrossAttention, ImageMemory
 from apertis_core.sizing import parameter_count
-from apertis_core.training import TrainConfig
-from apertis_core.training.optim import build_optimizer
+from apertis_core.training import RunConfig, TrainConfig, train
+from apertis_core.training.optim import build_optimizer, set_learning_rate
 from apertis_core.vision import num_image_tokens
 from apertis_core.vision.positions import Rope2D, grid_positions, patch_places
 
@@ -35,10 +35,13 @@ def image_config(preset="apertis-nano", **overrides):
 
 
 def open_gates(model, value=1.0):
-    """Fresh gates are 0 (a no-op); tests of what the layer reads need it to add something."""
+    """Fresh gates and place maps are 0 (a no-op); tests of what the layer reads need them to add something."""
+    torch.manual_seed(0)
     for module in model.modules():
         if isinstance(module, GatedCrossAttention):
             module.gate.data.fill_(value)
+            for param in module.place_parameters():
+                torch.nn.init.normal_(param, std=0.5)
     return model
 
 
@@ -271,7 +274,6 @@ def test_each_sample_reads_the_places_of_its_own_images():
 def test_the_answer_reads_where_a_patch_is_and_the_option_off_reads_the_same_as_before():
     cfg = image_config(cross_attn_every=1, cross_attn_pos=True)
     layer = open_gates(GatedCrossAttention(cfg))
-    torch.nn.init.normal_(layer.place.weight)
     patches, text = torch.randn(1, 4, cfg.d_model), torch.randn(1, 3, cfg.d_model)
     positions = torch.arange(4)[None]
     here, there = patch_places(2, 2, "cpu"), patch_places(2, 2, "cpu").flip(0)  # same patches, other places
@@ -284,3 +286,64 @@ def test_the_answer_reads_where_a_patch_is_and_the_option_off_reads_the_same_as_
         assert torch.equal(
             layer(text, ImageMemory(patches, positions, here[None]))[0], off(text, ImageMemory(patches, positions))[0]
         )
+
+
+def test_place_maps_start_at_zero_and_a_run_can_hold_them_there():
+    model = open_gates(ApertisModel(image_config(cross_attn_every=1, cross_attn_pos=True)), value=1.0)
+    layers = [m for m in model.modules() if isinstance(m, GatedCrossAttention)]
+    fresh = [p for m in ApertisModel(model.config).modules() if isinstance(m, GatedCrossAttention)
+             for p in m.place_parameters()]  # fmt: skip
+    assert len(fresh) == len(layers) and all(not p.detach().any() for p in fresh)
+    for layer in layers:  # open_gates gave the maps weights
+        layer.reset_place()
+    optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), torch.device("cpu"), separate_places=True)
+    assert sum(len(g["params"]) for g in optimizer.param_groups if g.get("places")) == len(layers)
+    image = torch.rand(3, 16, 16)
+    ids = with_images(image)
+
+    def step(frozen: bool) -> tuple[float, float]:
+        before = [p.detach().clone() for layer in layers for p in layer.place_parameters()]
+        query = layers[0].q.weight.detach().clone()
+        set_learning_rate(optimizer, 1e-2, places_frozen=frozen)
+        model(ids, images=[image]).logits.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        after = [p.detach() for layer in layers for p in layer.place_parameters()]
+        moved = max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
+        return moved, float((layers[0].q.weight.detach() - query).abs().max())
+
+    places_moved, query_moved = step(frozen=True)
+    assert places_moved == 0.0 < query_moved  # held exactly at zero while the rest learns
+    assert step(frozen=False)[0] > 0  # a zero map still gets a gradient: it learns once released
+
+
+def test_holding_places_needs_a_model_that_has_them(tmp_path):
+    with pytest.raises(ConfigError, match="places_frozen_steps"):
+        TrainConfig(places_frozen_steps=-1)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(8)))
+    run = RunConfig.from_dict({
+        "model": {"preset": "apertis-nano", "d_model": 32, "n_layers": 1, "n_heads": 2, "n_experts": 0},
+        "data": {"path": str(tmp_path / "data.jsonl"), "seq_len": 16, "vocab_size": 262, "val_fraction": 0.0},
+        "train": {"batch_size": 2, "max_steps": 1, "places_frozen_steps": 5},
+        "out_dir": str(tmp_path / "run"),
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match="model.cross_attn_pos=true"):
+        train(run)
+
+
+def test_attention_weights_are_what_the_layer_reads_with():
+    cfg = image_config(cross_attn_every=1, cross_attn_pos=True)
+    layer = open_gates(GatedCrossAttention(cfg)).eval()
+    patches, text = torch.randn(1, 4, cfg.d_model), torch.randn(1, 6, cfg.d_model)
+    positions = torch.tensor([[1, 2, 3, 4]])  # text position 0 comes before the picture
+    memory = ImageMemory(patches, positions, patch_places(2, 2, "cpu")[None])
+    with torch.no_grad():
+        weights = layer.attention_weights(text, memory)  # (1, H, 6, 1 + 4)
+        values = layer.kv(layer.memory_norm(patches)) + layer.place(memory.places)
+        values = values.unflatten(-1, (2 * layer.heads, layer.head_dim)).transpose(1, 2).chunk(2, dim=1)[1]
+        read = weights @ torch.cat([values.new_zeros(1, layer.heads, 1, layer.head_dim), values], 2)
+        expected = torch.tanh(layer.gate) * layer.out(read.transpose(1, 2).flatten(-2))
+        assert torch.allclose(layer(text, memory)[0], expected, atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, layer.heads, 6))
+    assert torch.equal(weights[0, :, 0, 1:], torch.zeros(layer.heads, 4))  # before the picture: nothing to see
+    assert torch.equal(weights[0, :, 1, 2:], torch.zeros(layer.heads, 3))  # at patch 1: only patch 1

@@ -127,6 +127,9 @@ class ApertisModel(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, AdaptiveExpertSystem):
                 module.reset_parameters(std, residual_std)
+        for module in self.modules():  # after the loop above, which also visits the place maps' Linear
+            if isinstance(module, GatedCrossAttention):
+                module.reset_place()
 
     # ---- embeddings -------------------------------------------------------------------------------
     def _embed(

@@ -67,9 +67,18 @@ class GatedCrossAttention(nn.Module):
         self.q = nn.Linear(cfg.d_model, inner, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
         self.out = mark_residual_output(nn.Linear(inner, cfg.d_model, bias=False))
-        # The patch's place, added to its key and value: the value then says where the found object is.
+        # The patch's place, added to its key and value: the value then says where the found object is. It
+        # starts at zero (`reset_place`), so a run can hold it there until the lookup by appearance has formed.
         self.place = nn.Linear(4 * PLACE_FREQUENCIES, 2 * inner, bias=False) if cfg.cross_attn_pos else None
         self.gate = nn.Parameter(torch.full((), cfg.cross_attn_gate_init))  # 0: the layer starts as a no-op
+
+    def place_parameters(self) -> list[nn.Parameter]:
+        return [] if self.place is None else list(self.place.parameters())
+
+    def reset_place(self) -> None:
+        """Zero place map: the layer reads what it reads without places until training moves it."""
+        for param in self.place_parameters():
+            nn.init.zeros_(param)
 
     def init_state(self, batch_size: int, device, dtype) -> dict:
         empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -136,9 +145,10 @@ class GatedCrossAttention(nn.Module):
             return None, new_state  # no image yet: the output would be exactly 0
         return self._attend(x, k, v, kpos, past), new_state
 
-    def _attend(
+    def _inputs(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, past: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, ...]:
+        """Queries; keys and values behind the "attend to nothing" slot; the (B, 1, T, 1 + M) visibility mask."""
         batch, length, _ = x.shape
         q = self.q(self.norm(x)).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
         q = rms_normalize(q, self.eps) if self.qk_norm else q
@@ -148,8 +158,22 @@ class GatedCrossAttention(nn.Module):
         # The "attend to nothing" slot: a zero key (logit 0) with a zero value, visible to every query.
         sink = k.new_zeros(batch, self.heads, 1, self.head_dim)
         mask = torch.cat([allowed.new_ones(batch, length, 1), allowed], dim=-1)[:, None]  # (B, 1, T, 1 + M)
-        read = F.scaled_dot_product_attention(q, torch.cat([sink, k], 2), torch.cat([sink, v], 2), attn_mask=mask)
+        return q, torch.cat([sink, k], 2), torch.cat([sink, v], 2), mask
+
+    def _attend(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, past: torch.Tensor
+    ) -> torch.Tensor:
+        q, k, v, mask = self._inputs(x, k, v, kpos, past)
+        read = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return torch.tanh(self.gate).to(x.dtype) * self.out(read.transpose(1, 2).flatten(-2))  # (B, T, D)
+
+    def attention_weights(self, x: torch.Tensor, memory: ImageMemory) -> torch.Tensor:
+        """(B, H, T, 1 + M): what share each head at each position gives the nothing slot, then each patch, in
+        the parallel form of `forward(x, memory)`. For diagnostics (benchmarks/vqa_probe.py)."""
+        start = torch.zeros((1, 1), dtype=torch.long, device=x.device)
+        q, k, _, mask = self._inputs(x, *self._keys(memory, start), start)
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # the scale SDPA uses
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor | None, dict]:
         """x: (B, D): one position reads every patch in the state."""

@@ -28,6 +28,10 @@ class TrainConfig:
     # to read their tokens; trained from the start, a from-scratch encoder collapsed to features that say
     # which shapes a picture holds but not where (docs/MULTIMODAL.md).
     encoder_frozen_steps: int = 0
+    # The cross-attention place maps (model.cross_attn_pos) stay at zero for this many steps. With places from
+    # the start the model answered "where" through a blurred look at the picture and never learned "what"
+    # (docs/MULTIMODAL.md); held back, the lookup by appearance forms first and the places then join it.
+    places_frozen_steps: int = 0
     weight_decay: float = 0.1  # AdamW decay, applied to weight matrices only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments; 0.95 reacts faster than 0.999 on small data
     warmup_steps: int = 100  # linear ramp from ~0 to lr; avoids early instability of Adam's estimates
@@ -75,6 +79,7 @@ class TrainConfig:
             (self.gpus == "one" or self.device in ("auto", "cuda"), "gpus=all needs device auto or cuda"),
             (self.encoder_lr_scale > 0, "encoder_lr_scale must be positive"),
             (self.encoder_frozen_steps >= 0, "encoder_frozen_steps must be >= 0"),
+            (self.places_frozen_steps >= 0, "places_frozen_steps must be >= 0"),
             (
                 self.seq_len_start >= 0 and 0 < self.seq_len_warmup < 1,
                 "seq_len_start must be >= 0 and seq_len_warmup in (0, 1)",

@@ -77,6 +77,11 @@ def open_session(
     else:
         model_config = base[0].config if base else fresh_model_config(run.model, tokenizer)
     _check_images(report.stats["images"], model_config)
+    if cfg.places_frozen_steps and not model_config.cross_attn_pos:
+        raise ConfigError(
+            "train.places_frozen_steps holds the cross-attention place maps, which this model does not have: "
+            "set model.cross_attn_pos=true, or train.places_frozen_steps=0"
+        )
     images = image_cache(model_config, run.data.image_augment)
     image_tokens = images.file_tokens if images else None
     train_data, val_data = build_datasets(records, tokenizer, run.data, image_tokens)
@@ -96,7 +101,14 @@ def open_session(
         train_model=wrap_model(model, ctx, cfg.compile, precision),
         # after train_model: FSDP has replaced the parameters by their shards
         optimizer=build_optimizer(
-            model, cfg.lr, cfg.weight_decay, cfg.betas, ctx.device, cfg.encoder_lr_scale, cfg.encoder_frozen_steps > 0
+            model,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.betas,
+            ctx.device,
+            cfg.encoder_lr_scale,
+            separate_encoder=cfg.encoder_frozen_steps > 0,
+            separate_places=cfg.places_frozen_steps > 0,
         ),
         scaler=precision.grad_scaler(),
         schedule=build_schedule(

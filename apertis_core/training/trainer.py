@@ -149,7 +149,12 @@ class _Loop:
     def _train_step(self) -> None:
         session, ctx = self.session, self.session.ctx
         lr = session.schedule.lr_at(session.step)
-        set_learning_rate(session.optimizer, lr, encoder_frozen=session.step < self.cfg.encoder_frozen_steps)
+        set_learning_rate(
+            session.optimizer,
+            lr,
+            encoder_frozen=session.step < self.cfg.encoder_frozen_steps,
+            places_frozen=session.step < self.cfg.places_frozen_steps,
+        )
         batches = [next(session.loader) for _ in range(self.cfg.grad_accum)]
         # Normalise by the targets of the whole step on all ranks: the mean per-token loss of the global
         # batch, whatever the padding or chat masks, so N processes do exactly the math of one.

@@ -1,0 +1,49 @@
+"""benchmarks/vqa_probe.py: the object's patches are found in the picture, and the attention share it reports
+is the share the model gives them."""
+
+import json
+
+import torch
+
+from apertis_core import load_bundle
+from apertis_core.data.shapes import COLOURS
+from apertis_core.model.cross_attention import GatedCrossAttention
+from benchmarks import vqa, vqa_probe
+
+
+def test_named_patches_are_where_the_colour_is(tmp_path):
+    from PIL import Image
+
+    picture = Image.new("RGB", (32, 32), (255, 255, 255))
+    for x in range(9, 12):  # a 3-pixel red stroke across the border of patch columns 1 and 2 (8 px patches)
+        for y in range(20, 22):
+            picture.putpixel((x + 5, y), COLOURS["red"])
+    picture.save(tmp_path / "p.png")
+    on = vqa_probe.named_patches(tmp_path / "p.png", COLOURS["red"], 8)
+    assert on.shape == (16,) and on.nonzero().flatten().tolist() == [4 * 2 + 1, 4 * 2 + 2]
+    assert not vqa_probe.named_patches(tmp_path / "p.png", COLOURS["blue"], 8).any()
+
+
+def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, capsys):
+    toy = [
+        "--minutes", "0", "--scenes", "20", "--data", str(tmp_path / "shapes"), "--workdir", str(tmp_path / "work"),
+        "--models", "apertis", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+        "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
+        "--set", "data.val_fraction=0", "--set", "model.cross_attn_pos=true",
+    ]  # fmt: skip
+    assert vqa.main(toy) == 0
+    bundle, data = tmp_path / "work" / "run" / "final", tmp_path / "shapes"
+    model, tokenizer = load_bundle(bundle, device="cpu")
+    rows = vqa_probe.questions(data, 40)
+    assert rows and all(f"the {r['colour']} object" in r["messages"][0]["content"] for r in rows)
+    for layer in model.modules():  # no query: every head spreads evenly over the nothing slot and 64 patches
+        if isinstance(layer, GatedCrossAttention):
+            torch.nn.init.zeros_(layer.q.weight)
+    shares = vqa_probe.look(model.eval(), tokenizer, data, rows)
+    assert {layer for _, layer in shares} == {0, 1}
+    for share, even in shares.values():
+        assert 0 < even < 0.5 and abs(share - even * 64 / 65) < 1e-5
+    vqa_probe.main([str(bundle), "--data", str(data), "--rows", "40"])
+    out = capsys.readouterr().out
+    assert "look: best head's share" in out and "keep (trained): shape from encoder tokens" in out
+    assert json.loads((data / "summary.json").read_text())["seed"] == 0
