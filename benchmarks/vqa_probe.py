@@ -36,8 +36,21 @@ def named_patches(picture: Path, colour_rgb: tuple[int, int, int], patch: int) -
     return torch.from_numpy(hit.reshape(rows, patch, cols, patch).any(axis=(1, 3)).reshape(-1))
 
 
+def object_patches(picture: Path, colour: str, patch: int, patches: int) -> torch.Tensor:
+    """`named_patches` of a picture the model sees as `patches` tokens, refused when the two grids differ."""
+    from apertis_core.data.shapes import COLOURS
+
+    on = named_patches(picture, COLOURS[colour], patch)
+    if on.numel() != patches:
+        raise ValueError(
+            f"{picture}: the model sees {patches} patches but the picture holds {on.numel()} of {patch} px; the "
+            "probe needs pictures the model takes unscaled (shapes scenes from `apertis data demo shapes` are)"
+        )
+    return on
+
+
 def questions(data: Path, limit: int) -> list[dict]:
-    """Held-out rows that name an object by one of the scene colours, with that object's patches."""
+    """Held-out rows that name an object by one of the scene colours (with the colour and the row's index)."""
     from apertis_core.data.shapes import COLOURS
 
     rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines() if line.strip()]
@@ -54,9 +67,8 @@ def questions(data: Path, limit: int) -> list[dict]:
 def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> dict:
     """{(qtype, layer): (best head's mean share on the object, even share)} at the answer-predicting position."""
     from apertis_core.data import load_dataset
-    from apertis_core.data.shapes import COLOURS
     from apertis_core.evaluation import IGNORE_INDEX, TokenDataset, encode_records, make_windows
-    from apertis_core.model.cross_attention import GatedCrossAttention
+    from apertis_core.model.cross_attention import NEVER, GatedCrossAttention
     from apertis_core.vision import ImageCache
 
     every, report = load_dataset(data / "test.jsonl")  # read as the trainer reads any chat file
@@ -85,9 +97,10 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> dic
                 answer_at = (labels != IGNORE_INDEX).float().argmax(1)
                 for index, (layer, x, memory) in enumerate(inputs):
                     weights = layer.attention_weights(x, memory)  # (B, H, T, 1 + M)
+                    seen = (memory.positions != NEVER).sum(1)  # (B,) patches of each sample's one picture
                     for j, row in enumerate(rows[start : start + len(items)]):
-                        on = named_patches(data / row["image"], COLOURS[row["colour"]], cfg.image_patch_size)
-                        read = weights[j, :, answer_at[j], 1 : 1 + on.numel()]  # one image per scene
+                        on = object_patches(data / row["image"], row["colour"], cfg.image_patch_size, int(seen[j]))
+                        read = weights[j, :, answer_at[j], 1 : 1 + on.numel()]
                         shares[(row["qtype"], index)].append((read[:, on].sum(-1), on.float().mean()))
     finally:
         for hook in hooks:
@@ -102,7 +115,6 @@ def keep(model, data: Path, rows: list[dict], limit: int = 900) -> list[float]:
     """Shape-probe accuracy from the encoder tokens, then each cross-attention layer's values, on the object."""
     from PIL import Image
 
-    from apertis_core.data.shapes import COLOURS
     from apertis_core.model.cross_attention import GatedCrossAttention
     from apertis_core.vision import preprocess_image
 
@@ -118,7 +130,9 @@ def keep(model, data: Path, rows: list[dict], limit: int = 900) -> list[float]:
     with torch.no_grad():
         tokens = torch.stack(model.vision(tensors))  # (pictures, patches, D)
         views = [tokens] + [layer.kv(layer.memory_norm(tokens)).chunk(2, -1)[1] for layer in layers]
-    masks = [named_patches(data / r["image"], COLOURS[r["colour"]], cfg.image_patch_size).float() for r in objects]
+    patches = tokens.shape[1]
+    masks = [object_patches(data / r["image"], r["colour"], cfg.image_patch_size, patches).float() for r in objects]
+    objects, masks = [r for r, m in zip(objects, masks, strict=True) if m.any()], [m for m in masks if m.any()]
     names = sorted({r["messages"][-1]["content"] for r in objects})
     labels = torch.tensor([names.index(r["messages"][-1]["content"]) for r in objects])
     scores = []
@@ -156,8 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from apertis_core import ApertisModel, load_bundle
 
+    if not (args.data / "test.jsonl").is_file():
+        parser.error(f"{args.data} has no test.jsonl: make one with `apertis data demo shapes --out {args.data}`")
     torch.manual_seed(0)
     model, tokenizer = load_bundle(args.bundle, device="cpu")
+    if model.vision is None or not model.config.cross_attn_every:
+        parser.error(f"{args.bundle} has no image encoder with cross-attention to probe (model.cross_attn_every)")
     model.eval()
     rows = questions(args.data, args.rows)
     print(f"{args.bundle}: {len(rows)} questions from {args.data}")

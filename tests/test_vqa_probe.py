@@ -1,8 +1,7 @@
 """benchmarks/vqa_probe.py: the object's patches are found in the picture, and the attention share it reports
 is the share the model gives them."""
 
-import json
-
+import pytest
 import torch
 
 from apertis_core import load_bundle
@@ -46,4 +45,14 @@ def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, caps
     vqa_probe.main([str(bundle), "--data", str(data), "--rows", "40"])
     out = capsys.readouterr().out
     assert "look: best head's share" in out and "keep (trained): shape from encoder tokens" in out
-    assert json.loads((data / "summary.json").read_text())["seed"] == 0
+
+
+def test_pictures_the_model_would_rescale_and_missing_data_are_refused(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (36, 32), COLOURS["red"]).save(tmp_path / "p.png")  # 4 x 4 patches of 8 px, not 5
+    with pytest.raises(ValueError, match="the model sees 20 patches but the picture holds 16"):
+        vqa_probe.object_patches(tmp_path / "p.png", "red", 8, 20)
+    with pytest.raises(SystemExit):
+        vqa_probe.main([str(tmp_path), "--data", str(tmp_path / "nowhere")])
+    assert "has no test.jsonl" in capsys.readouterr().err
