@@ -7,6 +7,8 @@ questions per scene), for questions that name an object by colour ("... the red 
   the patches that hold the named object, per question type and layer (the best head; the share a head
   spreading evenly over the picture would give is printed beside it). A model that finds the object puts
   most of a head's attention there.
+- **Carry**: a linear probe for the named colour from each cross-attention layer's input at that position,
+  per question type: whether the question has brought the name there for a lookup to use.
 - **Keep**: a linear probe (fit on 70% of the objects, scored on 30%) for the named object's shape from the
   mean encoder token over its patches, and from each cross-attention layer's values there; beside it the same
   probe on a freshly initialised model of the same config. Near 33% means the features do not say the shape.
@@ -64,9 +66,11 @@ def questions(data: Path, limit: int) -> list[dict]:
     return picked
 
 
-def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> dict:
-    """{(qtype, layer): (best head's mean share on the object, even share)} at the answer-predicting position."""
+def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tuple[dict, dict]:
+    """{(qtype, layer): (best head's mean share on the object, even share)} at the answer-predicting position,
+    and {(qtype, layer): [(that layer's input there, the named colour's index)]} for `carry`."""
     from apertis_core.data import load_dataset
+    from apertis_core.data.shapes import COLOURS
     from apertis_core.evaluation import IGNORE_INDEX, TokenDataset, encode_records, make_windows
     from apertis_core.model.cross_attention import NEVER, GatedCrossAttention
     from apertis_core.vision import ImageCache
@@ -84,6 +88,7 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> dic
     inputs: list = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0], args[1]))) for m in layers]
     shares: dict = defaultdict(list)
+    carried: dict = defaultdict(list)
     try:
         with torch.no_grad():
             for start in range(0, len(rows), batch):
@@ -102,12 +107,24 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> dic
                         on = object_patches(data / row["image"], row["colour"], cfg.image_patch_size, int(seen[j]))
                         read = weights[j, :, answer_at[j], 1 : 1 + on.numel()]
                         shares[(row["qtype"], index)].append((read[:, on].sum(-1), on.float().mean()))
+                        carried[(row["qtype"], index)].append((x[j, answer_at[j]], list(COLOURS).index(row["colour"])))
     finally:
         for hook in hooks:
             hook.remove()
-    return {
+    best = {
         key: (float(torch.stack([s for s, _ in got]).mean(0).max()), float(sum(e for _, e in got) / len(got)))
         for key, got in sorted(shares.items())
+    }
+    return best, dict(sorted(carried.items()))
+
+
+def carry(carried: dict) -> dict:
+    """{(qtype, layer): held-out accuracy of a linear probe for the named colour}, from `look`'s second dict."""
+    from apertis_core.data.shapes import COLOURS
+
+    return {
+        key: linear_probe(torch.stack([x for x, _ in got]), torch.tensor([c for _, c in got]), len(COLOURS))
+        for key, got in carried.items()
     }
 
 
@@ -180,8 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = questions(args.data, args.rows)
     print(f"{args.bundle}: {len(rows)} questions from {args.data}")
     print("look: best head's share of attention on the named object at the answer (even spread beside it)")
-    for (qtype, layer), (share, even) in look(model, tokenizer, args.data, rows).items():
+    shares, carried = look(model, tokenizer, args.data, rows)
+    for (qtype, layer), (share, even) in shares.items():
         print(f"  {qtype:<18} layer {layer}: {share:6.1%}  (even {even:.1%})")
+    print("carry: the named colour read by a linear probe from each cross-attention layer's input at the answer")
+    for (qtype, layer), accuracy in carry(carried).items():
+        print(f"  {qtype:<18} layer {layer}: {accuracy:6.1%}  (chance {1 / 6:.1%})")
     fresh = ApertisModel(model.config).eval()
     for name, probed in (("trained", model), ("fresh init", fresh)):
         encoder, *values = keep(probed, args.data, questions(args.data, 10 * args.rows))

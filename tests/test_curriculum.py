@@ -48,9 +48,13 @@ def test_cut_keeps_every_target_in_order_and_drops_only_padding(rows, pieces, pi
         assert bool((cut_labels != -100).any(dim=1).all())  # no row without a target survives
 
 
-def test_cut_refuses_a_length_that_does_not_divide():
-    with pytest.raises(ValueError, match="divide"):
-        cut_batch(torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long), 5)
+def test_a_batch_cut_to_its_longest_sample_is_padded_back_to_whole_pieces():
+    input_ids = torch.arange(24).reshape(2, 12)  # the loader cut 16-wide windows to 12
+    labels = input_ids + 1000
+    cut_ids, cut_labels = cut_batch(input_ids, labels, 8)
+    assert cut_ids.shape == (4, 8)
+    assert torch.equal(cut_labels[cut_labels != -100], labels.flatten())  # every target, in order
+    assert bool((cut_labels[[1, 3], 4:] == -100).all())  # the added tail takes no loss
 
 
 def test_bad_settings_name_the_field():
@@ -74,6 +78,30 @@ def test_a_curriculum_run_trains_on_short_windows_first(tmp_path, monkeypatch):
     records = [r for r in read_metrics(f"{result.out_dir}/metrics.jsonl") if "train/seq_len" in r]
     assert records[0]["train/seq_len"] == 8 and records[-1]["train/seq_len"] == 32
     assert records[-1]["progress/tokens"] == 12 * 4 * 32  # the cut keeps every step's tokens
+
+
+def test_chats_cut_to_their_longest_sample_still_train_in_curriculum_pieces(tmp_path, monkeypatch):
+    import json
+    import random
+
+    seen_lengths = []
+    forward = ApertisModel.forward
+
+    def recording_forward(self, input_ids, *args, **kwargs):
+        if self.training:
+            seen_lengths.append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ApertisModel, "forward", recording_forward)
+    chats = tmp_path / "chats.jsonl"  # about 150 tokens each: batches are cut from 256 to 192 columns
+    rng = random.Random(0)
+    noise = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(90)) for _ in range(2)]
+    turns = [{"role": "user", "content": noise[0]}, {"role": "assistant", "content": noise[1]}]
+    chats.write_text("\n".join(json.dumps({"messages": turns}) for _ in range(40)))
+    run = tiny_run(tmp_path, max_steps=6, seq_len_start=128, seq_len_warmup=0.5)
+    run = run.override([f"data.path={chats}", "data.seq_len=256", "model.max_seq_len=256", "data.val_fraction=0"])
+    train(run)
+    assert seen_lengths == [128] * 3 + [192] * 3  # 192 columns padded to two 128 pieces, then kept whole
 
 
 def test_the_studio_extra_settings_box_turns_it_on(services):

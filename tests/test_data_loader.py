@@ -218,6 +218,82 @@ def test_ddp_ranks_split_the_global_batch_disjointly():
                 assert len(set(sum(shards, []))) == 6
 
 
+class Lengthed:
+    """Sample k holds the number k at each of its lengths[k] real positions, then padding (-1) to `width`."""
+
+    group_by_length = True
+
+    def __init__(self, lengths, width=256):
+        self.lengths, self.width = lengths, width
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, k):
+        row = torch.full((self.width,), -1)
+        row[: self.lengths[k]] = k
+        return {"input_ids": row, "labels": row.clone(), "images": []}
+
+
+def test_length_grouping_batches_like_lengths_together_and_cuts_only_padding():
+    data = Lengthed([20, 200] * 200)  # short captions beside long chats
+    plain = BatchLoader(Numbered(400), batch_size=4, seed=3)
+    grouped = BatchLoader(data, batch_size=4, seed=3)
+    span = 25  # global batches regrouped at a time: a quarter of the data (GROUP_BATCHES is larger)
+    batches = [next(grouped) for _ in range(span)]
+    # The same samples as the plain stream's first `span` batches, in another order.
+    assert sorted(sum((ids(b) for b in batches), [])) == sorted(sum((ids(next(plain)) for _ in range(span)), []))
+    for batch in batches:
+        lengths = [data.lengths[k] for k in ids(batch)]
+        assert batch.input_ids.shape[1] == (64 if max(lengths) == 20 else 256)  # the longest, rounded up to 64
+        assert int((batch.input_ids >= 0).sum()) == sum(lengths)  # every real position is still there
+    mixed = sum(len({data.lengths[k] for k in ids(b)}) > 1 for b in batches)
+    assert mixed <= 1  # at most the one batch where the sorted lengths change
+    assert BatchLoader(Lengthed([20, 200] * 200), batch_size=4, seed=3).state_dict()["group_by_length"]
+
+
+def test_length_grouped_stream_resumes_exactly_and_splits_across_ranks():
+    lengths = [5 + (k * 37) % 250 for k in range(203)]
+    loader = BatchLoader(Lengthed(lengths), batch_size=3, seed=1)
+    for _ in range(40):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [ids(next(loader)) for _ in range(30)]  # crosses regrouped runs and an epoch boundary
+    resumed = BatchLoader(Lengthed(lengths), batch_size=3, seed=1)
+    resumed.load_state_dict(state)
+    assert [ids(next(resumed)) for _ in range(30)] == expected
+    single = BatchLoader(Lengthed(lengths), batch_size=6, seed=2)
+    ranks = [BatchLoader(Lengthed(lengths), batch_size=2, seed=2, rank=r, world_size=3) for r in range(3)]
+    for _ in range(20):
+        assert sum((ids(next(loader)) for loader in ranks), []) == ids(next(single))
+    with pytest.raises(ConfigError, match="group_by_length True -> False"):
+        BatchLoader(Numbered(203), batch_size=3, seed=1).load_state_dict(state)
+
+
+def test_data_too_small_to_regroup_keeps_its_order_and_is_still_cut():
+    lengths = [10, 90, 10, 90, 10, 90, 10, 90, 10, 90]
+    grouped = BatchLoader(Lengthed(lengths), batch_size=5, seed=7)
+    plain = BatchLoader(Numbered(10), batch_size=5, seed=7)
+    for _ in range(4):
+        batch = next(grouped)
+        assert ids(batch) == ids(next(plain))
+        assert batch.input_ids.shape[1] == (64 if max(lengths[k] for k in ids(batch)) <= 64 else 128)
+
+
+def test_chat_batches_are_cut_to_their_longest_sample_and_grouped_on_request():
+    records = [chat(("user", "hi"), ("assistant", "yo"))] * 40 + [chat(("user", "x" * 150), ("assistant", "ok"))] * 40
+    train, _ = build(records, seq_len=256)
+    assert not train.group_by_length  # the default: random order, each batch only cut
+    loader = BatchLoader(train, batch_size=4)
+    for _ in range(20):
+        batch = next(loader)
+        longest = int((batch.labels != -100).nonzero()[:, 1].max()) + 1
+        assert batch.input_ids.shape[1] == -(-longest // 64) * 64
+    grouped, _ = build(records, seq_len=256, group_by_length=True)
+    loader = BatchLoader(grouped, batch_size=4)
+    assert {next(loader).input_ids.shape[1] for _ in range(20)} == {64, 192}
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="val_fraction"):
         from_dict(DataConfig, {"val_fraction": 1.5})

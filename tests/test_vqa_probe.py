@@ -38,13 +38,19 @@ def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, caps
     for layer in model.modules():  # no query: every head spreads evenly over the nothing slot and 64 patches
         if isinstance(layer, GatedCrossAttention):
             torch.nn.init.zeros_(layer.q.weight)
-    shares = vqa_probe.look(model.eval(), tokenizer, data, rows)
+    shares, carried = vqa_probe.look(model.eval(), tokenizer, data, rows)
     assert {layer for _, layer in shares} == {0, 1}
     for share, even in shares.values():
         assert 0 < even < 0.5 and abs(share - even * 64 / 65) < 1e-5
+    assert carried.keys() == shares.keys()
+    named = sorted(list(COLOURS).index(r["colour"]) for r in rows)
+    for layer in (0, 1):
+        got = [(x, c) for (_, at), pairs in carried.items() if at == layer for x, c in pairs]
+        assert sorted(c for _, c in got) == named and {x.shape for x, _ in got} == {(32,)}
     vqa_probe.main([str(bundle), "--data", str(data), "--rows", "40"])
     out = capsys.readouterr().out
     assert "look: best head's share" in out and "keep (trained): shape from encoder tokens" in out
+    assert "carry: the named colour" in out
 
 
 def test_pictures_the_model_would_rescale_and_missing_data_are_refused(tmp_path, capsys):
@@ -56,3 +62,15 @@ def test_pictures_the_model_would_rescale_and_missing_data_are_refused(tmp_path,
     with pytest.raises(SystemExit):
         vqa_probe.main([str(tmp_path), "--data", str(tmp_path / "nowhere")])
     assert "has no test.jsonl" in capsys.readouterr().err
+
+
+def test_carry_reads_a_colour_that_is_there_and_not_one_that_is_not():
+    generator = torch.Generator().manual_seed(0)
+    colours = torch.randint(0, 6, (300,), generator=generator)
+    noise = torch.randn(300, 16, generator=generator)
+    there = {
+        ("hpos", 0): [(n + 3 * torch.nn.functional.one_hot(c, 16), int(c)) for n, c in zip(noise, colours, strict=True)]
+    }
+    absent = {("hpos", 0): [(n, int(c)) for n, c in zip(noise, colours, strict=True)]}
+    assert vqa_probe.carry(there)[("hpos", 0)] > 0.9
+    assert vqa_probe.carry(absent)[("hpos", 0)] < 0.4

@@ -22,6 +22,11 @@ class DataConfig:
     # from their first tenth, in file order, to all of them; 0 = shuffled from the start. For data that lists
     # easy samples first (generate_shapes(curriculum=True): non-relational questions before relational ones).
     curriculum_epochs: float = 0.0
+    # Samples of similar length share a batch (every batch is already cut to its longest sample, rounded up
+    # to 64): short samples beside long ones then cost what they hold, not seq_len. Off by default: on the
+    # shapes set it made 1.4x the steps, but batches of captions only and of chats only made the lookup form
+    # later (benchmarks/README.md). For data whose kinds need not share a batch.
+    group_by_length: bool = False
 
     def __post_init__(self):
         # Checked here so a bad YAML value fails at load time, naming the key, not deep inside training.

@@ -72,11 +72,20 @@ def _with_image_positions(ids, mask, images, image_id: int, image_tokens: ImageT
 class TokenDataset(Dataset):
     """Fixed-length samples: dict(input_ids (T,), labels (T,), images list[Path]); labels are already shifted."""
 
-    def __init__(self, windows: list[_Window], seq_len: int, pad_id: int, curriculum_samples: int = 0):
+    def __init__(
+        self,
+        windows: list[_Window],
+        seq_len: int,
+        pad_id: int,
+        curriculum_samples: int = 0,
+        group_by_length: bool = False,
+    ):
         self._windows = windows
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.curriculum_samples = curriculum_samples  # easy-first start of the BatchLoader's stream (samples)
+        self.group_by_length = group_by_length  # the BatchLoader puts samples of similar length in one batch
+        self.lengths = [len(w.ids) - 1 for w in windows]  # real positions of each sample; the rest is padding
         self.tokens = sum(len(w.ids) - 1 if w.trainable is None else int(w.trainable[1:].sum()) for w in windows)
 
     def __len__(self) -> int:
@@ -119,8 +128,8 @@ def build_datasets(
             "Add data, lower data.seq_len, or set data.val_fraction=0."
         )
     curriculum = round(cfg.curriculum_epochs * len(train))  # windows keep the records' order: easy ones first
-    val_data = TokenDataset(val, cfg.seq_len, tokenizer.pad_id)
-    return TokenDataset(train, cfg.seq_len, tokenizer.pad_id, curriculum), val_data
+    val_data = TokenDataset(val, cfg.seq_len, tokenizer.pad_id, group_by_length=cfg.group_by_length)
+    return TokenDataset(train, cfg.seq_len, tokenizer.pad_id, curriculum, cfg.group_by_length), val_data
 
 
 def make_windows(encoded: Sequence[Encoded], seq_len: int) -> list[_Window]:

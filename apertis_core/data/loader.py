@@ -20,6 +20,12 @@ from ..configio import ConfigError
 # memorised; the share then grows linearly to all of them (competence-based curriculum, Platanios et al. 2019).
 CURRICULUM_START = 0.1
 _DRAW_BLOCK = 4096  # curriculum draws are made this many at a time, each block from its own seed
+# Length grouping sorts this many global batches of the stream at a time by length, then shuffles the
+# batches it cut: wide enough that most batches hold one kind of sample, narrow enough that every stretch of
+# training still sees all kinds (HF's group_by_length does the same with its "megabatches"). A run of at most
+# a quarter of the data, so that a sample rarely meets its own copy from the next epoch in one run.
+GROUP_BATCHES = 32
+WIDTH_STEP = 64  # a batch is cut to a multiple of this: few distinct shapes for compiled models
 
 
 @dataclass
@@ -42,6 +48,12 @@ class BatchLoader:
     batch_size is per rank: a global batch is batch_size * world_size samples and rank r takes the r-th
     contiguous slice, so the ranks' batches are disjoint and, concatenated in rank order, equal what a
     single process with batch_size * world_size gets.
+
+    A dataset that tells its samples' `lengths` (TokenDataset) gets batches without the padding columns all
+    their samples share. One with `group_by_length` set (from data.group_by_length) is read in length-grouped
+    order: each run of GROUP_BATCHES global batches of the shuffled stream is sorted by sample length, cut into
+    global batches again, and those are shuffled. The order is still a function of (seed, position), so a
+    resume continues exactly.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -58,6 +70,12 @@ class BatchLoader:
         self.curriculum = getattr(dataset, "curriculum_samples", 0)
         self._draw_block, self._draws = -1, []
         self._order_epoch, self._order = -1, []
+        self.lengths = getattr(dataset, "lengths", None)  # real positions per sample: batches drop the rest
+        self.grouped = bool(getattr(dataset, "group_by_length", False))
+        global_batch = batch_size * world_size
+        runs = min(GROUP_BATCHES, len(dataset) // (4 * global_batch)) if self.grouped else 0  # 0: no regrouping
+        self._group_span = runs * global_batch
+        self._group_chunk, self._group_order = -1, []
 
     @property
     def epoch(self) -> float:
@@ -69,14 +87,17 @@ class BatchLoader:
 
     def __next__(self) -> Batch:
         start = self._consumed + self.rank * self.batch_size
-        samples = [self.dataset[self._index(k)] for k in range(start, start + self.batch_size)]
+        pick = self._grouped_index if self._group_span else self._index
+        indices = [pick(k) for k in range(start, start + self.batch_size)]
+        samples = [self.dataset[i] for i in indices]
         self._consumed += self.batch_size * self.world_size
         images = [s["images"] for s in samples]
-        return Batch(
-            input_ids=torch.stack([s["input_ids"] for s in samples]),
-            labels=torch.stack([s["labels"] for s in samples]),
-            images=images if any(images) else None,
-        )
+        input_ids, labels = torch.stack([s["input_ids"] for s in samples]), torch.stack([s["labels"] for s in samples])
+        if self.lengths is not None:
+            longest = max(self.lengths[i] for i in indices)
+            width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, input_ids.shape[1])
+            input_ids, labels = input_ids[:, :width], labels[:, :width]  # only padding is cut
+        return Batch(input_ids=input_ids, labels=labels, images=images if any(images) else None)
 
     def state_dict(self) -> dict:
         return {
@@ -84,17 +105,26 @@ class BatchLoader:
             "seed": self.seed,
             "dataset_size": len(self.dataset),
             "curriculum_samples": self.curriculum,
+            "group_by_length": self.grouped,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (from `state_dict`); seed, dataset size and curriculum must match for an exact resume."""
-        state = {"curriculum_samples": 0, **state}  # checkpoints from before the curriculum had none
-        expected = {"seed": self.seed, "dataset_size": len(self.dataset), "curriculum_samples": self.curriculum}
+        # Checkpoints from before the curriculum had none; from before length grouping, none either (taken as
+        # this loader's, so they resume, in an order that can differ from the one they were written in).
+        state = {"curriculum_samples": 0, "group_by_length": self.grouped, **state}
+        expected = {
+            "seed": self.seed,
+            "dataset_size": len(self.dataset),
+            "curriculum_samples": self.curriculum,
+            "group_by_length": self.grouped,
+        }
         changed = [f"{k} {state.get(k)} -> {v}" for k, v in expected.items() if state.get(k) != v]
         if changed:
             raise ConfigError(
                 f"cannot resume the data position: {', '.join(changed)} since the checkpoint. "
-                "Resume with the same data, data.seed and data.curriculum_epochs, or start a new run."
+                "Resume with the same data, data.seed, data.curriculum_epochs and data.group_by_length, or start a "
+                "new run."
             )
         self._consumed = int(state["consumed"])
 
@@ -106,6 +136,19 @@ class BatchLoader:
         if epoch != self._order_epoch:
             self._order_epoch, self._order = epoch, _epoch_order(len(self.dataset), self.seed, epoch).tolist()
         return self._order[position]
+
+    def _grouped_index(self, k: int) -> int:
+        """Dataset index of the k-th sample of the length-grouped stream (see the class docstring)."""
+        span = self._group_span
+        chunk, offset = divmod(k, span)
+        if chunk != self._group_chunk:
+            stream = [self._index(j) for j in range(chunk * span, (chunk + 1) * span)]
+            stream.sort(key=lambda i: -self.lengths[i])  # stable: equal lengths keep their shuffled order
+            width = self.batch_size * self.world_size
+            batches = [stream[b : b + width] for b in range(0, span, width)]
+            order = torch.randperm(len(batches), generator=_generator(f"{self.seed}:group:{chunk}")).tolist()
+            self._group_chunk, self._group_order = chunk, [i for b in order for i in batches[b]]
+        return self._group_order[offset]
 
     def _curriculum_index(self, k: int) -> int:
         """A uniform draw among the first samples in data order; their share grows with k from CURRICULUM_START."""

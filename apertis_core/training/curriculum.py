@@ -9,6 +9,7 @@ rate schedule, tokens per step and data order are those of the plain run.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..data.dataset import IGNORE_INDEX
 
@@ -40,8 +41,10 @@ def cut_batch(input_ids: torch.Tensor, labels: torch.Tensor, length: int) -> tup
     batch, full = input_ids.shape
     if length >= full:
         return input_ids, labels
-    if full % length:
-        raise ValueError(f"a curriculum length must divide the sequence length: {length} does not divide {full}")
+    if full % length:  # the loader cut the batch to its longest sample: pad it back to whole pieces
+        extra = length - full % length
+        input_ids = F.pad(input_ids, (0, extra), value=0)  # never a target: the labels there are ignored
+        labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
     input_ids, labels = input_ids.reshape(-1, length), labels.reshape(-1, length)  # (B * T / L, L)
     keep = (labels != IGNORE_INDEX).any(dim=1)
     if not bool(keep.any()):  # nothing to learn from: one row keeps the step's shapes valid, its loss is 0

@@ -101,6 +101,7 @@ class _Loop:
         self.peak = peak_flops(session.ctx.device, session.precision.dtype)
         self.peak_measured = time.perf_counter()
         self.window = self._new_window()
+        self.step_width = run.data.seq_len  # the width of the latest training batch (train/seq_len)
         self.loop_started = self.window["time"]
         self.lr = session.schedule.lr_at(session.step)  # the latest step's rate and gradient norm, for logs
         self.grad_norm = torch.zeros(())
@@ -184,6 +185,7 @@ class _Loop:
         labels = batch.labels.to(session.ctx.device, non_blocking=True)
         if batch.images is None:  # a picture's patches must stay in one window, so image batches are not cut
             input_ids, labels = cut_batch(input_ids, labels, self._window_length(session.step))
+        self.step_width = input_ids.shape[1]  # the curriculum's cut, or the loader's to the longest sample
         images = session.images.batch(batch.images, train=True, device=session.ctx.device) if session.images else None
         # A looped model trains its earlier exits and its confidence head from the labels (model/looped.py).
         looped = {"labels": labels} if session.model.config.max_loops > 1 else {}
@@ -245,7 +247,7 @@ class _Loop:
             "grad_norm": float(self.grad_norm),
             "throughput/tok_s": tok_s,
             "mfu": self.flops_per_token * tok_s / session.ctx.world_size / self.peak,
-            "train/seq_len": self._window_length(session.step - 1),  # the length the latest step used
+            "train/seq_len": self.step_width,  # the width of the latest step's (last) batch
             "progress/total_steps": session.schedule.total_steps,
             "progress/epoch": self.state.epoch,
             "progress/tokens": session.tokens_seen,
