@@ -1,5 +1,8 @@
 """Context-length curriculum: the stage lengths, the schedule, the batch cut, and a run that uses it."""
 
+import json
+import random
+
 import pytest
 import torch
 from hypothesis import given
@@ -62,16 +65,22 @@ def test_bad_settings_name_the_field():
         TrainConfig(seq_len_start=8, seq_len_warmup=1.5)
 
 
-def test_a_curriculum_run_trains_on_short_windows_first(tmp_path, monkeypatch):
-    seen_lengths = []
+@pytest.fixture
+def seen_lengths(monkeypatch) -> list[int]:
+    """The width of every training forward pass, in order."""
+    seen = []
     forward = ApertisModel.forward
 
     def recording_forward(self, input_ids, *args, **kwargs):
         if self.training:
-            seen_lengths.append(input_ids.shape[1])
+            seen.append(input_ids.shape[1])
         return forward(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(ApertisModel, "forward", recording_forward)
+    return seen
+
+
+def test_a_curriculum_run_trains_on_short_windows_first(tmp_path, seen_lengths):
     run = tiny_run(tmp_path, max_steps=12, seq_len_start=8, seq_len_warmup=0.5)
     result = train(run)
     assert seen_lengths == [8] * 3 + [16] * 3 + [32] * 6  # 2 short stages share the first half of 12 steps
@@ -80,19 +89,7 @@ def test_a_curriculum_run_trains_on_short_windows_first(tmp_path, monkeypatch):
     assert records[-1]["progress/tokens"] == 12 * 4 * 32  # the cut keeps every step's tokens
 
 
-def test_chats_cut_to_their_longest_sample_still_train_in_curriculum_pieces(tmp_path, monkeypatch):
-    import json
-    import random
-
-    seen_lengths = []
-    forward = ApertisModel.forward
-
-    def recording_forward(self, input_ids, *args, **kwargs):
-        if self.training:
-            seen_lengths.append(input_ids.shape[1])
-        return forward(self, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(ApertisModel, "forward", recording_forward)
+def test_chats_cut_to_their_longest_sample_still_train_in_curriculum_pieces(tmp_path, seen_lengths):
     chats = tmp_path / "chats.jsonl"  # about 150 tokens each: batches are cut from 256 to 192 columns
     rng = random.Random(0)
     noise = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(90)) for _ in range(2)]
