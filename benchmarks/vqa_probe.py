@@ -1,6 +1,6 @@
-"""`python -m benchmarks.vqa_probe BUNDLE`: where a shapes-trained image model looks, and what its encoder keeps.
+"""`python -m benchmarks.vqa_probe BUNDLE`: where a VQA model looks, what reaches the answer, what the encoder keeps.
 
-Two measurements on held-out shapes scenes (`apertis data demo shapes --n N --seed S --out DIR`, single
+Three measurements on held-out shapes scenes (`apertis data demo shapes --n N --seed S --out DIR`, single
 questions per scene), for questions that name an object by colour ("... the red object ..."):
 
 - **Look**: at the position that predicts the answer, the share of each cross-attention head's attention on
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=600, help="questions to look through (default 600)")
     args = parser.parse_args(argv)
     from apertis_core import ApertisModel, load_bundle
+    from apertis_core.data.shapes import COLOURS
 
     if not (args.data / "test.jsonl").is_file():
         parser.error(f"{args.data} has no test.jsonl: make one with `apertis data demo shapes --out {args.data}`")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {qtype:<18} layer {layer}: {share:6.1%}  (even {even:.1%})")
     print("carry: the named colour read by a linear probe from each cross-attention layer's input at the answer")
     for (qtype, layer), accuracy in carry(carried).items():
-        print(f"  {qtype:<18} layer {layer}: {accuracy:6.1%}  (chance {1 / 6:.1%})")
+        print(f"  {qtype:<18} layer {layer}: {accuracy:6.1%}  (chance {1 / len(COLOURS):.1%})")
     fresh = ApertisModel(model.config).eval()
     for name, probed in (("trained", model), ("fresh init", fresh)):
         encoder, *values = keep(probed, args.data, questions(args.data, 10 * args.rows))
