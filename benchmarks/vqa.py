@@ -44,13 +44,13 @@ RECIPE = {
         "cross_attn_pos": True,  # patch places in the cross-attention, held at zero until the lookup has formed
         "max_seq_len": 512,
     },
-    "data": {"seq_len": 384, "vocab_size": 1024, "val_fraction": 0.01, "image_augment": False},
+    "data": {"seq_len": 512, "vocab_size": 1024, "val_fraction": 0.01, "image_augment": False},
     "train": {
-        "batch_size": 16,
+        "batch_size": 8,  # chats: 8 scenes' captions and 160 questions a step
         "lr": 2e-3,
         "encoder_frozen_steps": 600,
         "encoder_lr_scale": 0.1,
-        "places_frozen_steps": 1500,
+        "places_frozen_steps": 1000,
         "warmup_steps": 50,
         "schedule": "wsd",
         "decay_fraction": 0.3,
@@ -70,10 +70,10 @@ def prepare_data(folder: Path, scenes: int, seed: int, curriculum: bool = False)
     summary = folder / "summary.json"
     if summary.is_file():
         known = json.loads(summary.read_text())
-        same = known.get("seed") == seed and sum(known["scenes"].values()) == scenes and known.get("conversations")
+        same = known.get("seed") == seed and sum(known["scenes"].values()) == scenes and known.get("caption_turns")
         if same and known.get("curriculum", False) == curriculum:
             return folder
-    # conversations: one image encoding for 20 questions; curriculum: easy questions listed first
+    # conversations: one image encoding for a caption and 20 questions; curriculum: easy questions listed first
     generate_shapes(folder, n=scenes, seed=seed, conversations=True, curriculum=curriculum)
     return folder
 

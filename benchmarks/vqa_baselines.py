@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from apertis_core.data.images import open_image
+from apertis_core.data.shapes import CAPTION_PROMPT
+from apertis_core.tokenizer import IMAGE_LINE
 from apertis_core.vision.baselines import bag_of_words, build_baseline, question_words
 
 # Santoro et al. trained with Adam at 2.5e-4 for many epochs; the bench's budget is minutes, so 1e-3 with a
@@ -43,6 +45,8 @@ def read_set(jsonl: Path) -> QASet:
         row = json.loads(line) if line.strip() else {}
         turns = row.get("messages", [])
         for ask, reply in zip(turns[::2], turns[1::2], strict=True):
+            if ask["content"].removeprefix(IMAGE_LINE) == CAPTION_PROMPT:
+                continue  # a caption is not a classifier's answer
             picture.append(files.setdefault(row["image"], len(files)))
             questions.append(ask["content"])
             answers.append(reply["content"])

@@ -2,10 +2,22 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
-from apertis_core.data.shapes import COLOURS, Scene, Shape, generate_shapes, make_scene, questions, render
+from apertis_core.data.shapes import (
+    CAPTION_PROMPT,
+    COLOURS,
+    Scene,
+    Shape,
+    generate_shapes,
+    make_scene,
+    questions,
+    render,
+)
 
 
 def answers(scene):
@@ -112,6 +124,42 @@ def test_heldout_split_is_disjoint_and_records_are_well_formed(tmp_path):
         assert record["kind"] in ("nonrel", "rel") and record["qtype"]
     kinds = [r["kind"] for r in test]
     assert kinds.count("nonrel") == kinds.count("rel") == 12  # 4 of each kind per held-out scene
+
+
+def where_each_colour_is(picture: Path) -> dict[str, tuple[float, float]]:
+    """colour -> the (x, y) middle of its pixels' bounding box, read from the rendered file."""
+    pixels = torch.frombuffer(bytearray(Image.open(picture).convert("RGB").tobytes()), dtype=torch.uint8).view(
+        64, 64, 3
+    )
+    found = {}
+    for name, rgb in COLOURS.items():
+        ys, xs = (pixels == torch.tensor(rgb)).all(-1).nonzero(as_tuple=True)
+        if len(xs):
+            found[name] = ((xs.min() + xs.max()).item() / 2, (ys.min() + ys.max()).item() / 2)
+    return found
+
+
+def test_conversations_ask_for_each_scenes_own_caption_once_at_some_turn(tmp_path):
+    generate_shapes(tmp_path, n=12, seed=1, heldout_fraction=0.0, questions_per_kind=4, conversations=True)
+    chats = read_jsonl(tmp_path / "train.jsonl")
+    assert len(chats) == 12 and all("messages" in chat for chat in chats)  # no separate caption records
+    turns_asked = set()
+    for chat in chats:
+        asks = [m["content"] for m in chat["messages"][::2]]
+        assert asks[0].startswith("<image>\n") and sum("<image>" in ask for ask in asks) == 1
+        asks = [ask.removeprefix("<image>\n") for ask in asks]
+        assert len(asks) == 9 and asks.count(CAPTION_PROMPT) == 1  # 8 questions and the caption
+        turn = asks.index(CAPTION_PROMPT)
+        turns_asked.add(turn)
+        described = chat["messages"][2 * turn + 1]["content"].split(", ")
+        places = where_each_colour_is(tmp_path / chat["image"])
+        assert sorted(part.split()[1] for part in described) == sorted(places)  # every object, once
+        for part in described:  # "a red circle at the top left", true of this chat's own picture
+            _, colour, _, _, _, vertical, horizontal = part.split()
+            x, y = places[colour]
+            assert abs(y - 31.5) < 1 or vertical == ("top" if y < 31.5 else "bottom")
+            assert abs(x - 31.5) < 1 or horizontal == ("left" if x < 31.5 else "right")
+    assert len(turns_asked) > 2  # asked anywhere, not always first
 
 
 def test_bad_arguments_are_refused(tmp_path):

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from apertis_core.data.shapes import generate_shapes, make_scene, render, side
+from apertis_core.data.shapes import CAPTION_PROMPT, generate_shapes, make_scene, render, side
+from apertis_core.tokenizer import IMAGE_LINE
 from apertis_core.vision.baselines import BASELINES, bag_of_words, build_baseline, question_words
 from benchmarks.vqa_baselines import read_set, train_baseline
 
@@ -36,9 +37,9 @@ def test_many_questions_about_one_picture_match_one_picture_per_question(name):
 def test_read_set_asks_every_turn_of_every_chat_and_keeps_the_score_groups(tmp_path):
     summary = generate_shapes(tmp_path, n=10, seed=0, conversations=True)
     train, test = read_set(tmp_path / "train.jsonl"), read_set(tmp_path / "test.jsonl")
-    assert len(train.questions) == sum(
-        len(json.loads(line).get("messages", [])) // 2 for line in (tmp_path / "train.jsonl").open()
-    )
+    chats = [json.loads(line)["messages"] for line in (tmp_path / "train.jsonl").open()]
+    assert len(train.questions) == sum(len(turns) // 2 - 1 for turns in chats)  # all but the caption turn
+    assert CAPTION_PROMPT not in {question.removeprefix(IMAGE_LINE) for question in train.questions}
     assert train.pictures.shape == (summary["scenes"]["train"], 3, 64, 64) and train.pictures.dtype == torch.uint8
     assert len(test.questions) == summary["records"]["test"]
     assert all(len(g) == 2 and g[1].startswith(g[0] + "/") for g in test.groups)

@@ -13,7 +13,7 @@ from PIL import Image
 from apertis_core import ApertisModel, ConfigError, ModelConfig, load_bundle
 from apertis_core.data import BatchLoader, DataConfig, Record, build_datasets, load_dataset
 from apertis_core.data.dataset import IGNORE_INDEX
-from apertis_core.data.shapes import generate_shapes
+from apertis_core.data.shapes import CAPTION_PROMPT, generate_shapes
 from apertis_core.tokenizer import Tokenizer
 from apertis_core.training import RunConfig, train
 from apertis_core.vision import ImageCache, num_image_tokens, preprocess_image
@@ -289,7 +289,10 @@ def test_shapes_curriculum_lists_easy_records_before_relational_ones(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "easy" / "train.jsonl").read_text().splitlines()]
     kinds = [row["kind"] for row in rows]
     first_hard = kinds.index("rel")
-    assert set(kinds[:first_hard]) == {"caption", "nonrel"} and set(kinds[first_hard:]) == {"rel"}
+    assert set(kinds[:first_hard]) == {"nonrel"} and set(kinds[first_hard:]) == {"rel"}
+    assert all(  # the caption is asked for in the easy chat
+        any(m["content"].endswith(CAPTION_PROMPT) for m in row["messages"]) == (row["kind"] == "nonrel") for row in rows
+    )
 
     assert asked_questions(tmp_path / "easy") == asked_questions(
         tmp_path / "plain"

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     shapes.add_argument(
         "--conversations",
         action="store_true",
-        help="ask each training scene's questions in one multi-turn chat (several times cheaper to train on)",
+        help="ask each training scene's caption and questions in one multi-turn chat (several times cheaper to train on)",
     )
     shapes.set_defaults(run=run_shapes)
     text = demo_sub.add_parser(

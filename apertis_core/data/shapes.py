@@ -31,6 +31,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 0),
 }
 SHAPES = ("circle", "square", "triangle")
+CAPTION_PROMPT = "Describe the picture."  # how a conversation asks for the scene's caption
 BACKGROUND = (255, 255, 255)
 
 
@@ -159,11 +160,15 @@ def _question_record(image: str, q: Question) -> dict:
     }
 
 
-def _conversation_record(image: str, asked: list[Question]) -> dict:
+def _conversation_record(image: str, asked: list[Question], described: str | None = None, at: int = 0) -> dict:
+    """One chat about `image`: the questions in order, and the caption `described` asked for as turn `at`."""
+    pairs = [(q.question, q.answer) for q in asked]
+    if described is not None:
+        pairs.insert(at, (CAPTION_PROMPT, described))
     turns = []
-    for index, q in enumerate(asked):
-        question = with_images(q.question, 1) if index == 0 else q.question
-        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": q.answer}]
+    for index, (question, answer) in enumerate(pairs):
+        question = with_images(question, 1) if index == 0 else question
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     kinds = {q.kind for q in asked}
     return {"image": image, "messages": turns, "kind": kinds.pop() if len(kinds) == 1 else "conversation"}
 
@@ -185,16 +190,21 @@ def generate_shapes(
     and train.jsonl never shows them. Each scene gets up to questions_per_kind non-relational and as many
     relational questions (sampled without repeats); train.jsonl also has one caption record per scene.
     With `conversations`, train.jsonl asks each scene's questions in one multi-turn chat instead of one
-    record each: the image is then encoded once for all of them, which makes training several times
-    cheaper. test.jsonl always has one question per record, for scoring. With `curriculum`, train.jsonl lists
-    the easy records first (captions and non-relational questions of every scene), then the relational ones
-    (a conversation asks one kind only), for a loader that starts on the first ones (data.curriculum_epochs).
+    record each, with the caption as the answer to CAPTION_PROMPT at a random turn: the image is then encoded
+    once for all of them, which makes training several times cheaper, and no batch row is a short caption
+    padded to a chat's width (benchmarks/README.md: this is what lets the VQA recipe learn where objects are
+    in 30 CPU minutes). test.jsonl always has one question per record, for scoring. With `curriculum`,
+    train.jsonl lists the easy records first (captions and non-relational questions of every scene), then the
+    relational ones (a conversation asks one kind only), for a loader that starts on the first ones
+    (data.curriculum_epochs).
     """
     if n < 1 or not 0.0 <= heldout_fraction < 1.0 or questions_per_kind < 0:
         raise ValueError("need n >= 1, 0 <= heldout_fraction < 1 and questions_per_kind >= 0")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    # A stream of its own: where the caption turn goes does not change a seed's scenes and questions.
+    turn_rng = random.Random(seed)
     n_test = round(n * heldout_fraction)
     lines: dict[str, list[str]] = {"train": [], "test": []}
     hard: list[str] = []  # with a curriculum: the relational records, listed after all the easy ones
@@ -208,11 +218,14 @@ def generate_shapes(
         if conversations and split == "train":
             rng.shuffle(asked)  # relational and non-relational questions mixed, in any order
             groups = [[q for q in asked if q.kind == kind] for kind in ("nonrel", "rel")] if curriculum else [asked]
-            records = [_conversation_record(image, group) for group in groups if group]
+            groups = [group for group in groups if group] or [[]]
+            at = turn_rng.randrange(len(groups[0]) + 1)  # the caption is asked for anywhere in the (easy) chat
+            records = [_conversation_record(image, groups[0], caption(scene), at)]
+            records += [_conversation_record(image, group) for group in groups[1:]]
         else:
             records = [_question_record(image, q) for q in asked]
-        if split == "train":
-            records.insert(0, {"image": image, "text": caption(scene), "kind": "caption"})
+            if split == "train":
+                records.insert(0, {"image": image, "text": caption(scene), "kind": "caption"})
         if curriculum and split == "train":
             hard += [json.dumps(r) for r in records if r["kind"] == "rel"]
             records = [r for r in records if r["kind"] != "rel"]
@@ -222,7 +235,7 @@ def generate_shapes(
         atomic_write_text(out / f"{split}.jsonl", "".join(row + "\n" for row in rows))
     summary = {
         "seed": seed, "image_size": image_size, "n_objects": n_objects, "conversations": conversations,
-        "curriculum": curriculum,
+        "curriculum": curriculum, "caption_turns": conversations,
         "scenes": {"train": n - n_test, "test": n_test},
         "records": {split: len(rows) for split, rows in lines.items()},
         "files": {"train": "train.jsonl", "test": "test.jsonl"},  # relative to out_dir
