@@ -188,14 +188,14 @@ def generate_shapes(
 
     The last round(n * heldout_fraction) scenes are held out: test.jsonl asks questions about them only
     and train.jsonl never shows them. Each scene gets up to questions_per_kind non-relational and as many
-    relational questions (sampled without repeats); train.jsonl also has one caption record per scene.
-    With `conversations`, train.jsonl asks each scene's questions in one multi-turn chat instead of one
+    relational questions (sampled without repeats), and train.jsonl has each scene's caption as a record of its
+    own. With `conversations`, train.jsonl asks each scene's questions in one multi-turn chat instead of one
     record each, with the caption as the answer to CAPTION_PROMPT at a random turn: the image is then encoded
     once for all of them, which makes training several times cheaper, and no batch row is a short caption
     padded to a chat's width (benchmarks/README.md: this is what lets the VQA recipe learn where objects are
     in 30 CPU minutes). test.jsonl always has one question per record, for scoring. With `curriculum`,
     train.jsonl lists the easy records first (captions and non-relational questions of every scene), then the
-    relational ones (a conversation asks one kind only), for a loader that starts on the first ones
+    relational ones (each scene then has two chats, one per kind), for a loader that starts on the first ones
     (data.curriculum_epochs).
     """
     if n < 1 or not 0.0 <= heldout_fraction < 1.0 or questions_per_kind < 0:
