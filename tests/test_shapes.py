@@ -161,6 +161,10 @@ def test_conversations_ask_for_each_scenes_own_caption_once_at_some_turn(tmp_pat
             assert abs(x - 31.5) < 1 or horizontal == ("left" if x < 31.5 else "right")
     assert len(turns_asked) > 2  # asked anywhere, not always first
 
+    generate_shapes(tmp_path / "none", n=2, seed=1, heldout_fraction=0.0, questions_per_kind=0, conversations=True)
+    for chat in read_jsonl(tmp_path / "none" / "train.jsonl"):  # no questions: the chat asks for the caption only
+        assert [m["content"] for m in chat["messages"][::2]] == ["<image>\n" + CAPTION_PROMPT]
+
 
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="heldout_fraction"):

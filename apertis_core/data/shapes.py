@@ -203,7 +203,8 @@ def generate_shapes(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    # A stream of its own: where the caption turn goes does not change a seed's scenes and questions.
+    # A second generator (same seed, drawn from separately), so where the caption turn goes leaves a seed's
+    # scenes and questions as they were; the shipped demo model was trained on exactly this stream.
     turn_rng = random.Random(seed)
     n_test = round(n * heldout_fraction)
     lines: dict[str, list[str]] = {"train": [], "test": []}
