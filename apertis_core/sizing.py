@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .configio import ConfigError, coerce
-from .model.config import PLACE_FREQUENCIES, ModelConfig
+from .model.config import DISTANCE_KNOTS, PLACE_FREQUENCIES, ModelConfig
 
 # Set to 1 to skip the free-memory comparison (the absurd-value checks still apply): for a machine whose
 # free memory is misreported, or when you know the estimate is too cautious for your case.
@@ -217,6 +217,7 @@ def _vit_parameters(cfg: ModelConfig, width: int) -> int:
     return (
         stem
         + (2 * cfg.image_max_patches * width if cfg.image_pos == "learned2d" else 0)  # row and column tables
+        + (cfg.n_heads * DISTANCE_KNOTS if cfg.image_distance_bias else 0)  # each head's distance curve
         + cfg.image_encoder_layers * block
         + width
     )  # blocks, final norm

@@ -317,6 +317,25 @@ def test_place_maps_start_at_zero_and_a_run_can_hold_them_there():
     assert step(frozen=False)[0] > 0  # a zero map still gets a gradient: it learns once released
 
 
+def test_distance_curves_are_held_with_the_places_and_then_learn_at_the_full_rate():
+    model = ApertisModel(image_config(cross_attn_every=1, image_distance_bias=True))
+    curves = model.vision.backbone.distance_bias.curves
+    optimizer = build_optimizer(
+        model, 1e-2, 0.1, (0.9, 0.95), torch.device("cpu"), encoder_lr_scale=0.1, separate_encoder=True,
+        separate_places=True,
+    )  # fmt: skip
+    (group,) = [g for g in optimizer.param_groups if any(p is curves for p in g["params"])]
+    assert group["places"] and group["lr_scale"] == 1.0  # not the encoder's 0.1: the curves start from nothing
+    image = torch.rand(3, 16, 16)
+    for frozen in (True, False):
+        before = curves.detach().clone()
+        set_learning_rate(optimizer, 1e-2, places_frozen=frozen)
+        model(with_images(image), images=[image]).logits.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.equal(curves.detach(), before) == frozen
+
+
 def test_holding_places_needs_a_model_that_has_them(tmp_path):
     with pytest.raises(ConfigError, match="places_frozen_steps"):
         TrainConfig(places_frozen_steps=-1)
@@ -327,7 +346,7 @@ def test_holding_places_needs_a_model_that_has_them(tmp_path):
         "train": {"batch_size": 2, "max_steps": 1, "places_frozen_steps": 5},
         "out_dir": str(tmp_path / "run"),
     })  # fmt: skip
-    with pytest.raises(ConfigError, match="model.cross_attn_pos=true"):
+    with pytest.raises(ConfigError, match=r"model.cross_attn_pos=true \(or model.image_distance_bias=true\)"):
         train(run)
 
 

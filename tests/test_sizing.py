@@ -42,6 +42,7 @@ VARIANTS = [
     ("transformer-nano", dict(n_experts=3, moe_top_k=1, moe_every=3, ffn_type="geglu")),
     ("apertis-nano", dict(image_encoder="vit", image_encoder_width=128, image_encoder_layers=3, image_patch_size=14)),
     ("apertis-nano", dict(image_encoder="vit", image_stem="conv", image_encoder_width=48, image_patch_size=16)),
+    ("apertis-nano", dict(image_encoder="vit", image_distance_bias=True, image_pos="none")),
     ("apertis-nano", dict(image_encoder="resnet18", image_patch_size=16)),
     ("apertis-nano", dict(image_encoder="resnet34", image_patch_size=4)),
     ("apertis-nano", dict(image_encoder="resnet50", image_patch_size=32)),

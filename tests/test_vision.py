@@ -219,6 +219,56 @@ def test_vit_gradients_reach_every_part():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+def distance_encoder(curve: torch.Tensor | None = None) -> UnifiedMultimodalEncoder:
+    """A one-block ViT whose heads all have the distance curve `curve` (knots from 0 to the diagonal)."""
+    torch.manual_seed(0)
+    encoder = UnifiedMultimodalEncoder(encoder_config(image_encoder_layers=1, image_distance_bias=True)).eval()
+    if curve is not None:
+        encoder.backbone.distance_bias.curves.data[:] = curve
+    return encoder
+
+
+def test_distance_bias_starts_as_a_no_op():
+    plain = UnifiedMultimodalEncoder(encoder_config(image_encoder_layers=1)).eval()
+    biased = distance_encoder()
+    missing = biased.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["backbone.distance_bias.curves"]
+    images = [torch.randn(3, 32, 32), torch.randn(3, 16, 24)]  # two grids, so padding is masked too
+    for a, b in zip(plain(images), biased(images), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["falling", "rising"])
+def test_distance_curves_make_a_patch_read_near_or_far_patches(direction):
+    """Patch 0 (top left) of a 4 x 4 grid: a steeply falling curve makes it read only itself, so changing the
+    far corner's pixels leaves it as it was; a rising one makes it read only the far corner, so changing its
+    neighbour leaves it as it was. With a flat curve both changes reach it."""
+    image = torch.rand(3, 32, 32)
+    far, near = image.clone(), image.clone()
+    far[:, 24:, 24:] = torch.rand(3, 8, 8)  # patch 15
+    near[:, :8, 8:16] = torch.rand(3, 8, 8)  # patch 1
+
+    def change(encoder, changed):
+        with torch.no_grad():
+            return float((encoder([image])[0][0] - encoder([changed])[0][0]).abs().max())
+
+    steep = torch.linspace(0, 60, 16)
+    flat = distance_encoder()
+    assert change(flat, far) > 1e-3 and change(flat, near) > 1e-3
+    if direction == "falling":
+        assert change(distance_encoder(-steep), far) < 1e-5 < change(distance_encoder(-steep), image * 0.5)
+    else:
+        assert change(distance_encoder(steep), near) < 1e-5 < change(distance_encoder(steep), far)
+
+
+def test_distance_bias_keeps_padding_out():
+    encoder = distance_encoder(torch.randn(16) * 3)
+    small, wide = torch.randn(3, 16, 16), torch.randn(3, 16, 56)
+    together = encoder([wide, small])
+    assert torch.allclose(encoder([small])[0], together[1], atol=1e-5)
+    assert torch.allclose(encoder([wide])[0], together[0], atol=1e-5)
+
+
 def test_resnet_gradients_reach_the_stem():
     encoder = UnifiedMultimodalEncoder(encoder_config("resnet18", image_patch_size=16))
     torch.cat(encoder([torch.randn(3, 32, 48)])).sum().backward()
@@ -235,6 +285,8 @@ def test_encoder_rejects_bad_images_and_configs():
         encoder([torch.randn(1, 16, 16)])
     with pytest.raises(ConfigError, match="image_patch_size must be one of"):
         UnifiedMultimodalEncoder(encoder_config("resnet18", image_patch_size=14))
+    with pytest.raises(ConfigError, match="image_distance_bias .* needs image_encoder vit"):
+        encoder_config("resnet18", image_patch_size=16, image_distance_bias=True)
 
 
 def test_pretrained_weights_come_only_from_the_cache(tmp_path, monkeypatch):

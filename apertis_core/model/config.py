@@ -20,6 +20,8 @@ from ..configio import (
 # cross_attn_pos: sin/cos frequencies per axis of a patch's place (vision.positions.patch_places); the lowest,
 # half a period over the picture, alone tells left from right.
 PLACE_FREQUENCIES = 4
+# image_distance_bias: knots of each ViT head's curve over patch distance, from 0 to the picture's diagonal.
+DISTANCE_KNOTS = 16
 
 
 @dataclass
@@ -83,6 +85,9 @@ class ModelConfig:
     image_token_id: int = -1  # the tokenizer's <image> id; image patch embeddings replace these positions
     # ViT patch positions: learned row and column tables, 2-D RoPE in the encoder's attention, or none.
     image_pos: Literal["learned2d", "rope2d", "none"] = "learned2d"
+    # ViT: each head adds a learned curve over the distance between two patches to their attention score (zero
+    # at the start), so every patch can gather what is near it or far from it (vision/positions.DistanceBias).
+    image_distance_bias: bool = False
     # How the ViT turns pixels into patch tokens: "patch" projects each patch on its own (the classic ViT);
     # "conv" is a small batch-normalised CNN (one stride-1 and log2(patch) stride-2 3x3 convolutions) whose
     # tokens see past their patch's edges, so an object cut by a patch border is still whole in its tokens.
@@ -193,6 +198,10 @@ class ModelConfig:
                     self.image_stem == "patch" or (self.image_encoder == "vit" and _power_of_two(self.image_patch_size))
                 ),
                 "image_stem conv needs image_encoder vit and an image_patch_size that is a power of two (2, 4, 8, 16...)",
+            ),
+            (
+                lambda: not self.image_distance_bias or self.image_encoder == "vit",
+                "image_distance_bias biases the ViT's attention between patches; it needs image_encoder vit",
             ),
             (lambda: all(0 <= i < self.n_layers for i in self.nope_layers), "nope_layers must index existing layers"),
             (lambda: 1 <= self.max_loops <= 64, "max_loops must be between 1 (off) and 64"),

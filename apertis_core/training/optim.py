@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..model.cross_attention import GatedCrossAttention
+from ..vision.positions import DistanceBias
 
 
 def parameter_groups(
@@ -25,7 +26,8 @@ def parameter_groups(
     their own, marked "encoder", whose `lr_scale` multiplies the scheduled learning rate (ScaledAdamW);
     otherwise the two groups are as they always were, so older checkpoints' optimizer states still load.
     With `separate_places` the cross-attention place maps (`model.cross_attn_pos`) form groups marked
-    "places", so `set_learning_rate` can hold them as they are.
+    "places", with the ViT's distance curves (`model.image_distance_bias`), so `set_learning_rate` can hold them
+    as they are; they learn at the full rate, not the encoder's, since they start from nothing.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
@@ -44,7 +46,8 @@ def parameter_groups(
     if (encoder_lr_scale != 1.0 or separate_encoder) and vision is not None:
         groups = _split(groups, {id(p) for p in vision.parameters()}, "encoder", encoder_lr_scale)
     if separate_places:
-        places = {id(p) for m in model.modules() if isinstance(m, GatedCrossAttention) for p in m.place_parameters()}
+        holders = (GatedCrossAttention, DistanceBias)
+        places = {id(p) for m in model.modules() if isinstance(m, holders) for p in m.place_parameters()}
         groups = _split(groups, places, "places", 1.0)
     return groups
 

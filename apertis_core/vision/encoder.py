@@ -14,7 +14,7 @@ from ..configio import ConfigError
 from ..image_tokens import patch_grid
 from ..model.config import ModelConfig
 from ..model.layers import GatedFFN, RMSNorm
-from .positions import Rope2D, grid_positions
+from .positions import DistanceBias, Rope2D, grid_positions
 
 # ResNet stage whose output stride equals the patch size: the final feature map of the (truncated)
 # backbone is then exactly the patch grid, so num_image_tokens() holds for every encoder.
@@ -95,6 +95,8 @@ class ViTPatchEncoder(nn.Module):
     in NaViT/Pix2Struct; two tables of max_patches entries serve every grid shape): answers such as "left
     or right" depend on where a patch is in the image, which absolute embeddings state directly. "rope2d"
     rotates queries and keys by row and column instead (vision/positions.py), "none" gives no positions.
+    With `image_distance_bias` each head also adds a learned curve over the patches' distance to its
+    attention scores (positions.DistanceBias).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -121,6 +123,7 @@ class ViTPatchEncoder(nn.Module):
             nn.init.normal_(self.row_embed.weight, std=cfg.init_std)
             nn.init.normal_(self.col_embed.weight, std=cfg.init_std)
         self.rope = Rope2D(width // cfg.n_heads) if cfg.image_pos == "rope2d" else None
+        self.distance_bias = DistanceBias(cfg.n_heads) if cfg.image_distance_bias else None
         hidden = -(-int(width * 8 / 3) // 64) * 64  # the usual SwiGLU width, rounded up to 64
         self.blocks = nn.ModuleList(
             EncoderBlock(width, cfg.n_heads, hidden, cfg.ffn_type, cfg.norm_eps, self.rope)
@@ -131,6 +134,7 @@ class ViTPatchEncoder(nn.Module):
     def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         tokens: list[torch.Tensor] = [torch.empty(0)] * len(images)
         grids: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        shapes: list[tuple[int, int]] = [(0, 0)] * len(images)
         for idx, batch in group_by_size(images):
             x = self.patchify(batch)  # (G, W, rows, cols)
             rows, cols = x.shape[-2:]
@@ -139,10 +143,14 @@ class ViTPatchEncoder(nn.Module):
                 pos = self.row_embed.weight[:rows, None] + self.col_embed.weight[None, :cols]  # (rows, cols, W)
                 x = x + pos.reshape(rows * cols, -1)
             for j, i in enumerate(idx):
-                tokens[i], grids[i] = x[j], grid_positions(rows, cols, x.device)
+                tokens[i], grids[i], shapes[i] = x[j], grid_positions(rows, cols, x.device), (rows, cols)
         x, keep = pad_sequences(tokens)  # (B, N, W), (B, N) with True on real patches
+        grid = pad_sequences(grids)[0]  # (B, N, 2)
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, N): padding is never a key
-        rope = None if self.rope is None else self.rope.cos_sin(pad_sequences(grids)[0], x.dtype)
+        if self.distance_bias is not None:
+            bias = self.distance_bias(grid, torch.tensor(shapes, device=x.device)).to(x.dtype)  # (B, H, N, N)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        rope = None if self.rope is None else self.rope.cos_sin(grid, x.dtype)
         for block in self.blocks:
             x = block(x, mask, rope)
         x = self.norm(x)
