@@ -150,8 +150,8 @@ def test_frozen_app_serves_trains_chats_and_runs_the_cli(bundle, tmp_path):
         )
         assert outputs and outputs[-1][0][-1]["role"] == "assistant", f"chat gave {outputs[-1:]}; {tail(log)}"
 
-        # The shipped demo model sees pictures through a torchvision ResNet, and the upload goes through
-        # Gradio's temp folder in the workspace: both must work inside the bundle.
+        # The shipped demo model reads the uploaded picture (Pillow, the ViT) after it passes through Gradio's
+        # temp folder in the workspace: both must work inside the bundle.
         from gradio_client import handle_file
         from PIL import Image, ImageDraw
 
@@ -162,7 +162,9 @@ def test_frozen_app_serves_trains_chats_and_runs_the_cli(bundle, tmp_path):
         demo = next(m for m in store.list_models() if m["kind"] == "demo")
         message = {"text": "What shape is the red object?", "files": [handle_file(str(picture))]}
         outputs = list(client.submit(message, [], demo["id"], "", 0.0, 0, 1.0, 8, 1.0, api_name="/chat"))
-        assert outputs, f"the image demo model gave no reply (is torchvision working in the bundle?); {tail(log)}"
+        assert outputs, (
+            f"the image demo model gave no reply (do image loading and the ViT work in the bundle?); {tail(log)}"
+        )
         history, speed = outputs[-1]
         assert history[-1]["role"] == "assistant" and "tokens/s" in speed, f"the demo model said {speed}; {tail(log)}"
     finally:
