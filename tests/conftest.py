@@ -2,6 +2,7 @@
 
 import json
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 600
 # The first 200,000 characters of tinyshakespeare (public domain), kept in the repository so a fresh clone tests.
 SHAKESPEARE = REPO / "tests" / "data" / "shakespeare-excerpt.txt"
+
+# A test run started with `&` from a script (no job control) inherits Ctrl-C as ignored, and so would every
+# child it starts; the launcher tests press Ctrl-C as a terminal does, so take back Python's usual handler,
+# which children do not inherit (they start with the default action).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
