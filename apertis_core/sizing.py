@@ -53,6 +53,7 @@ INT_LIMITS: dict[str, tuple[int, int]] = {
     "image_encoder_width": (0, 1 << 15),
     "image_token_id": (-1, 1 << 20),
     "cross_attn_every": (0, 1024),
+    "cross_attn_relative_heads": (0, 1024),
     "max_loops": (1, 64),
 }
 POSITIVE_FLOATS = ("rope_theta", "rope_scaling", "norm_eps")  # zero or below breaks the maths
@@ -169,9 +170,10 @@ def _layer_parameters(cfg: ModelConfig, layer: int) -> int:
         total += 3 * d * cfg.dense_hidden()  # gate_up (2 x hidden) and down
     if cfg.uses_strc(layer):
         total += d + 4 * d * cfg.strc_width()  # its norm, in_proj (3 x width) and out_proj
-    if cfg.uses_cross_attn(layer):  # two norms, q, kv and out projections, the gate, the place map
-        total += 2 * d + 4 * d * cfg.n_heads * cfg.dim_head() + 1
-        total += 2 * cfg.n_heads * cfg.dim_head() * 4 * PLACE_FREQUENCIES if cfg.cross_attn_pos else 0
+    if cfg.uses_cross_attn(layer):  # norms, q, kv and out projections, gate, place map, relative place weights
+        inner = (cfg.n_heads + cfg.cross_attn_relative_heads) * cfg.dim_head()
+        total += 2 * d + 4 * d * inner + 1 + cfg.cross_attn_relative_heads * 4 * PLACE_FREQUENCIES
+        total += 2 * inner * 4 * PLACE_FREQUENCIES if cfg.cross_attn_pos else 0
     return total
 
 

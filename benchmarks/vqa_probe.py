@@ -6,7 +6,8 @@ questions per scene), for questions that name an object by colour ("... the red 
 - **Look**: at the position that predicts the answer, the share of each cross-attention head's attention on
   the patches that hold the named object, per question type and layer (the best head; the share a head
   spreading evenly over the picture would give is printed beside it). A model that finds the object puts
-  most of a head's attention there.
+  most of a head's attention there. For "the object closest to / farthest from" colour questions, also the
+  share on the object the answer names: whether the second look, from the named object to that one, is made.
 - **Carry**: a linear probe for the named colour from each cross-attention layer's input at that position,
   per question type: whether the question has brought the name there for a lookup to use.
 - **Keep**: a linear probe (fit on 70% of the objects, scored on 30%) for the named object's shape from the
@@ -66,9 +67,10 @@ def questions(data: Path, limit: int) -> list[dict]:
     return picked
 
 
-def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tuple[dict, dict]:
-    """{(qtype, layer): (best head's mean share on the object, even share)} at the answer-predicting position,
-    and {(qtype, layer): [(that layer's input there, the named colour's index)]} for `carry`."""
+def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tuple[dict, dict, dict]:
+    """{(qtype, layer): (best head's mean share on the object, even share)} at the answer-predicting position;
+    the same for the object the answer names, for relational colour questions; and {(qtype, layer): [(that
+    layer's input there, the named colour's index)]} for `carry`."""
     from apertis_core.data import load_dataset
     from apertis_core.data.shapes import COLOURS
     from apertis_core.evaluation import IGNORE_INDEX, TokenDataset, encode_records, make_windows
@@ -88,6 +90,7 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tup
     inputs: list = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0], args[1]))) for m in layers]
     shares: dict = defaultdict(list)
+    answered: dict = defaultdict(list)
     carried: dict = defaultdict(list)
     try:
         with torch.no_grad():
@@ -107,15 +110,22 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tup
                         on = object_patches(data / row["image"], row["colour"], cfg.image_patch_size, int(seen[j]))
                         read = weights[j, :, answer_at[j], 1 : 1 + on.numel()]
                         shares[(row["qtype"], index)].append((read[:, on].sum(-1), on.float().mean()))
+                        if row["kind"] == "rel" and row["qtype"].endswith("_colour"):
+                            target = row["messages"][-1]["content"]
+                            on = object_patches(data / row["image"], target, cfg.image_patch_size, int(seen[j]))
+                            answered[(row["qtype"], index)].append((read[:, on].sum(-1), on.float().mean()))
                         carried[(row["qtype"], index)].append((x[j, answer_at[j]], list(COLOURS).index(row["colour"])))
     finally:
         for hook in hooks:
             hook.remove()
-    best = {
-        key: (float(torch.stack([s for s, _ in got]).mean(0).max()), float(sum(e for _, e in got) / len(got)))
-        for key, got in sorted(shares.items())
-    }
-    return best, dict(sorted(carried.items()))
+
+    def best(found: dict) -> dict:
+        return {
+            key: (float(torch.stack([s for s, _ in got]).mean(0).max()), float(sum(e for _, e in got) / len(got)))
+            for key, got in sorted(found.items())
+        }
+
+    return best(shares), best(answered), dict(sorted(carried.items()))
 
 
 def carry(carried: dict) -> dict:
@@ -198,8 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = questions(args.data, args.rows)
     print(f"{args.bundle}: {len(rows)} questions from {args.data}")
     print("look: best head's share of attention on the named object at the answer (even spread beside it)")
-    shares, carried = look(model, tokenizer, args.data, rows)
+    shares, answered, carried = look(model, tokenizer, args.data, rows)
     for (qtype, layer), (share, even) in shares.items():
+        print(f"  {qtype:<18} layer {layer}: {share:6.1%}  (even {even:.1%})")
+    print("look (answer): best head's share on the object the answer names, closest/farthest colour questions")
+    for (qtype, layer), (share, even) in answered.items():
         print(f"  {qtype:<18} layer {layer}: {share:6.1%}  (even {even:.1%})")
     print("carry: the named colour read by a linear probe from each cross-attention layer's input at the answer")
     for (qtype, layer), accuracy in carry(carried).items():

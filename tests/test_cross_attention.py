@@ -53,10 +53,12 @@ def with_images(*images, text=(10, 11, 12, 13, 14)):
 
 
 @pytest.mark.parametrize("preset", ["apertis-nano", "apertis-hybrid-nano"])
-@pytest.mark.parametrize("image_pos", ["learned2d", "rope2d", "none", "learned2d+places"])
+@pytest.mark.parametrize("image_pos", ["learned2d", "rope2d", "none", "learned2d+places", "none+relative"])
 def test_step_after_the_prompt_matches_the_parallel_forward(preset, image_pos):
-    pos, places = image_pos.split("+")[0], image_pos.endswith("+places")
-    config = image_config(preset, cross_attn_every=2, image_pos=pos, cross_attn_pos=places)
+    pos, places, relative = image_pos.split("+")[0], image_pos.endswith("+places"), image_pos.endswith("+relative")
+    config = image_config(
+        preset, cross_attn_every=2, image_pos=pos, cross_attn_pos=places, cross_attn_relative_heads=2 * relative
+    )
     model = open_gates(ApertisModel(config).eval())
     images = [torch.rand(3, 8, 32), torch.rand(3, 16, 16)]
     ids = with_images(*images)
@@ -138,6 +140,7 @@ def test_options_off_or_gates_closed_change_nothing():
         {"cross_attn_every": 2, "image_pos": "rope2d"},
         {"image_pos": "none"},
         {"cross_attn_every": 1, "cross_attn_pos": True},
+        {"cross_attn_every": 2, "cross_attn_pos": True, "cross_attn_relative_heads": 3},
     ],
 )
 def test_sizing_counts_the_new_parameters(overrides):
@@ -156,6 +159,10 @@ def test_bad_settings_are_clear_config_errors():
         ApertisModel(image_config(d_model=24, n_heads=4, image_pos="rope2d"))  # head width 6
     with pytest.raises(ConfigError, match="encoder_lr_scale"):
         TrainConfig(encoder_lr_scale=0)
+    with pytest.raises(ConfigError, match="cross_attn_relative_heads .* only with cross_attn_every > 0"):
+        image_config(cross_attn_relative_heads=1)  # no cross-attention layer to add them to
+    with pytest.raises(ConfigError, match="cross_attn_relative_heads must be between 0 and n_heads"):
+        image_config(cross_attn_every=1, cross_attn_relative_heads=5)  # 4 ordinary heads to follow
     assert image_config().override(["cross_attn_every=2", "image_pos=rope2d"]).cross_attn_every == 2
 
 
@@ -193,7 +200,7 @@ def cross_bundle(tmp_path):
     tokenizer = Tokenizer.byte_level()
     config = image_config(
         vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id, max_seq_len=128,
-        cross_attn_every=1, image_pos="rope2d",
+        cross_attn_every=1, image_pos="rope2d", cross_attn_relative_heads=2,
     )  # fmt: skip
     save_bundle(tmp_path / "vlm", open_gates(ApertisModel(config).eval(), 0.5), tokenizer)
     Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "red.png")
@@ -203,9 +210,10 @@ def cross_bundle(tmp_path):
 def test_bundles_with_the_new_fields_load_in_the_cli_and_chat(cross_bundle, monkeypatch, capsys):
     folder, picture = cross_bundle
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["cross_attn_every"] == 1 and saved["image_pos"] == "rope2d"
+    assert saved["cross_attn_every"] == 1 and saved["image_pos"] == "rope2d" and saved["cross_attn_relative_heads"] == 2
     model, _ = load_bundle(folder)
     assert model.blocks[0].xattn.gate.item() == 0.5
+    assert model.blocks[0].xattn.relative.weights.abs().sum() > 0  # open_gates' weights, saved and loaded
     common = ["--model", str(folder), "--max-new-tokens", "4", "--temperature", "0"]
     assert main(["generate", *common, "--prompt", "colour?", "--image", str(picture), "--chat"]) == 0
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {picture}\nwhat is it?\nand now?\n"))
@@ -317,9 +325,14 @@ def test_place_maps_start_at_zero_and_a_run_can_hold_them_there():
     assert step(frozen=False)[0] > 0  # a zero map still gets a gradient: it learns once released
 
 
-def test_distance_curves_are_held_with_the_places_and_then_learn_at_the_full_rate():
-    model = ApertisModel(image_config(cross_attn_every=1, image_distance_bias=True))
-    curves = model.vision.backbone.distance_bias.curves
+@pytest.mark.parametrize("where", ["encoder curves", "relative heads' weights"])
+def test_distance_curves_are_held_with_the_places_and_then_learn_at_the_full_rate(where):
+    if where == "encoder curves":
+        model = ApertisModel(image_config(cross_attn_every=1, image_distance_bias=True))
+        curves = model.vision.backbone.distance_bias.curves
+    else:
+        model = ApertisModel(image_config(cross_attn_every=1, cross_attn_relative_heads=2))
+        curves = model.blocks[0].xattn.relative.weights
     optimizer = build_optimizer(
         model, 1e-2, 0.1, (0.9, 0.95), torch.device("cpu"), encoder_lr_scale=0.1, separate_encoder=True,
         separate_places=True,
@@ -346,12 +359,13 @@ def test_holding_places_needs_a_model_that_has_them(tmp_path):
         "train": {"batch_size": 2, "max_steps": 1, "places_frozen_steps": 5},
         "out_dir": str(tmp_path / "run"),
     })  # fmt: skip
-    with pytest.raises(ConfigError, match=r"model.cross_attn_pos=true \(or model.image_distance_bias=true\)"):
+    with pytest.raises(ConfigError, match=r"model.cross_attn_pos=true \(or model.image_distance_bias=true, or"):
         train(run)
 
 
-def test_attention_weights_are_what_the_layer_reads_with():
-    cfg = image_config(cross_attn_every=1, cross_attn_pos=True)
+@pytest.mark.parametrize("relative_heads", [0, 2])
+def test_attention_weights_are_what_the_layer_reads_with(relative_heads):
+    cfg = image_config(cross_attn_every=1, cross_attn_pos=True, cross_attn_relative_heads=relative_heads)
     layer = open_gates(GatedCrossAttention(cfg)).eval()
     patches, text = torch.randn(1, 4, cfg.d_model), torch.randn(1, 6, cfg.d_model)
     positions = torch.tensor([[1, 2, 3, 4]])  # text position 0 comes before the picture

@@ -38,9 +38,10 @@ def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, caps
     for layer in model.modules():  # no query: every head spreads evenly over the nothing slot and 64 patches
         if isinstance(layer, GatedCrossAttention):
             torch.nn.init.zeros_(layer.q.weight)
-    shares, carried = vqa_probe.look(model.eval(), tokenizer, data, rows)
+    shares, answered, carried = vqa_probe.look(model.eval(), tokenizer, data, rows)
     assert {layer for _, layer in shares} == {0, 1}
-    for share, even in shares.values():
+    assert {qtype for qtype, _ in answered} == {"closest_colour", "farthest_colour"}
+    for share, even in [*shares.values(), *answered.values()]:
         assert 0 < even < 0.5 and abs(share - even * 64 / 65) < 1e-5
     assert carried.keys() == shares.keys()
     named = sorted(list(COLOURS).index(r["colour"]) for r in rows)
@@ -50,7 +51,7 @@ def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, caps
     vqa_probe.main([str(bundle), "--data", str(data), "--rows", "40"])
     out = capsys.readouterr().out
     assert "look: best head's share" in out and "keep (trained): shape from encoder tokens" in out
-    assert "carry: the named colour" in out
+    assert "carry: the named colour" in out and "look (answer): best head's share on the object the answer" in out
 
 
 def test_pictures_the_model_would_rescale_and_missing_data_are_refused(tmp_path, capsys):

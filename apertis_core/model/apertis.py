@@ -153,7 +153,7 @@ class ApertisModel(nn.Module):
         memory = None
         if self.config.cross_attn_every:
             places = None
-            if self.config.cross_attn_pos:
+            if self.config.cross_attn_pos or self.config.cross_attn_relative_heads:
                 grids = [patch_grid(image, self.config.image_patch_size) for image in images]
                 places = torch.cat([patch_places(rows, cols, x.device) for rows, cols in grids])
             memory = image_memory(slots, image_tokens, places)

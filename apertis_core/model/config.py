@@ -103,6 +103,10 @@ class ModelConfig:
     # its row and column, through a learned map per layer, docs/MULTIMODAL.md): answers such as "left or right"
     # read the place from the value without relying on the encoder to keep its input positions.
     cross_attn_pos: bool = False
+    # Extra heads per cross-attention layer that read the picture around where an ordinary head looks: head r
+    # adds to its scores a learned curve over each patch's distance from the place ordinary head r attends to,
+    # so "the object closest to / farthest from the red one" is two looks in one layer (model/relative_heads.py).
+    cross_attn_relative_heads: int = 0
 
     # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
     # small confidence head decides per token whether another pass is needed. Off (1): it did not pay at nano scale.
@@ -198,6 +202,14 @@ class ModelConfig:
                     self.image_stem == "patch" or (self.image_encoder == "vit" and _power_of_two(self.image_patch_size))
                 ),
                 "image_stem conv needs image_encoder vit and an image_patch_size that is a power of two (2, 4, 8, 16...)",
+            ),
+            (
+                lambda: (
+                    self.cross_attn_relative_heads == 0
+                    or (self.cross_attn_every > 0 and 0 < self.cross_attn_relative_heads <= self.n_heads)
+                ),
+                "cross_attn_relative_heads must be between 0 and n_heads (each follows an ordinary head of a "
+                "cross-attention layer), and above 0 only with cross_attn_every > 0",
             ),
             (
                 lambda: not self.image_distance_bias or self.image_encoder == "vit",

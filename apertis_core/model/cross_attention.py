@@ -7,8 +7,9 @@ query also sees a zero key with a zero value, an "attend to nothing" slot: a pos
 before it reads exactly 0, so text-only samples are unchanged whatever the gate has learned.
 
 For generation the projected keys and values of the patches, with their sequence positions, are part of
-the layer's state, so `step` after a prompt gives what the parallel form gives. Batched decoding stacks such
-states (`stack_states`): rows are right-padded with never-visible slots and keep their own position.
+the layer's state (with relative heads, relative_heads.py, their place features too), so `step` after a
+prompt gives what the parallel form gives. Batched decoding stacks such states (`stack_states`): rows are
+right-padded with never-visible slots and keep their own position.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import PLACE_FREQUENCIES, ModelConfig
 from .layers import RMSNorm, mark_residual_output, rms_normalize
+from .relative_heads import RelativeHeads
 
 NEVER = torch.iinfo(torch.long).max  # the position of a padding entry: no query is ever at or after it
 
@@ -59,7 +61,10 @@ class GatedCrossAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.heads, self.head_dim = cfg.n_heads, cfg.dim_head()
+        # The relative heads (relative_heads.py) come after the ordinary ones and share their projections.
+        self.heads, self.head_dim = cfg.n_heads + cfg.cross_attn_relative_heads, cfg.dim_head()
+        relative = cfg.cross_attn_relative_heads
+        self.relative = RelativeHeads(relative, 4 * PLACE_FREQUENCIES) if relative else None
         self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps  # as in the softmax layers: steadier at high lr
         inner = self.heads * self.head_dim
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -73,7 +78,9 @@ class GatedCrossAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((), cfg.cross_attn_gate_init))  # 0: the layer starts as a no-op
 
     def place_parameters(self) -> list[nn.Parameter]:
-        return [] if self.place is None else list(self.place.parameters())
+        """The place maps and the relative heads' place weights."""
+        held = [] if self.place is None else list(self.place.parameters())
+        return held + ([] if self.relative is None else self.relative.place_parameters())
 
     def reset_place(self) -> None:
         """Zero place map: the layer reads what it reads without places until training moves it."""
@@ -83,7 +90,10 @@ class GatedCrossAttention(nn.Module):
     def init_state(self, batch_size: int, device, dtype) -> dict:
         empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
         positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        return {"k": empty, "v": empty.clone(), "kpos": positions, "pos": 0}
+        state = {"k": empty, "v": empty.clone(), "kpos": positions, "pos": 0}
+        if self.relative is not None:
+            state["places"] = torch.zeros(batch_size, 0, 4 * PLACE_FREQUENCIES, device=device)
+        return state
 
     @staticmethod
     def stack_states(states: list[dict]) -> dict:
@@ -96,6 +106,7 @@ class GatedCrossAttention(nn.Module):
                 "kpos": F.pad(s["kpos"], (0, longest - s["k"].shape[2]), value=NEVER),
                 "pos": torch.as_tensor(s["pos"], device=s["kpos"].device).expand(s["k"].shape[0]),
             }
+            | ({"places": F.pad(s["places"], (0, 0, 0, longest - s["k"].shape[2]))} if "places" in s else {})
             for s in states
         ]
         return {name: torch.cat([s[name] for s in padded]) for name in padded[0]}
@@ -107,22 +118,31 @@ class GatedCrossAttention(nn.Module):
         real = (kpos != NEVER).any(0)  # (M,)
         used = int(real.nonzero().max()) + 1 if bool(real.any()) else 0
         pos = state["pos"]
-        return {
+        selected = {
             "k": state["k"][rows, :, :used],
             "v": state["v"][rows, :, :used],
             "kpos": kpos[:, :used],
             "pos": pos[rows] if torch.is_tensor(pos) else pos,
         }
+        if "places" in state:
+            selected["places"] = state["places"][rows, :used]
+        return selected
 
-    def _keys(self, memory: ImageMemory, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _keys(self, memory: ImageMemory, past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keys, values, sequence positions and (with relative heads, else None) places of the memory's patches."""
         kv = self.kv(self.memory_norm(memory.tokens))
         if self.place is not None:
             if memory.places is None:
                 raise ValueError("this model's cross-attention reads patch places; build ImageMemory with them")
             kv = kv + self.place(memory.places.to(kv.dtype))
+        if self.relative is not None and memory.places is None:
+            raise ValueError(
+                "this model's relative cross-attention heads read patch places; build ImageMemory with them"
+            )
         k, v = kv.unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2).chunk(2, dim=1)  # each (B, H, M, Dh)
         k = rms_normalize(k, self.eps) if self.qk_norm else k
-        return k, v, memory.positions + past * (memory.positions != NEVER)  # padding stays NEVER
+        places = memory.places if self.relative is not None else None
+        return k, v, memory.positions + past * (memory.positions != NEVER), places  # padding stays NEVER
 
     def forward(
         self, x: torch.Tensor, memory: ImageMemory | None, state: dict | None = None
@@ -131,19 +151,22 @@ class GatedCrossAttention(nn.Module):
         pos = state["pos"] if state is not None else 0
         past = torch.as_tensor(pos, device=x.device).reshape(-1, 1)  # (1, 1), or (B, 1) in a stacked batch
         if memory is not None and memory.tokens.shape[1]:
-            k, v, kpos = self._keys(memory, past)
+            k, v, kpos, places = self._keys(memory, past)
             if state is not None:
                 k = torch.cat([state["k"].to(k.dtype), k], dim=2)
                 v = torch.cat([state["v"].to(v.dtype), v], dim=2)
                 kpos = torch.cat([state["kpos"], kpos], dim=1)
+                places = None if places is None else torch.cat([state["places"].to(places.dtype), places], 1)
         elif state is not None:
-            k, v, kpos = state["k"], state["v"], state["kpos"]
+            k, v, kpos, places = state["k"], state["v"], state["kpos"], state.get("places")
         else:
             return None, None
         new_state = None if state is None else {"k": k, "v": v, "kpos": kpos, "pos": pos + x.shape[1]}
+        if new_state is not None and places is not None:
+            new_state["places"] = places
         if k.shape[2] == 0:
             return None, new_state  # no image yet: the output would be exactly 0
-        return self._attend(x, k, v, kpos, past), new_state
+        return self._attend(x, k, v, kpos, past, places), new_state
 
     def _inputs(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, past: torch.Tensor
@@ -161,18 +184,35 @@ class GatedCrossAttention(nn.Module):
         return q, torch.cat([sink, k], 2), torch.cat([sink, v], 2), mask
 
     def _attend(
-        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, past: torch.Tensor
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kpos: torch.Tensor,
+        past: torch.Tensor,
+        places: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q, k, v, mask = self._inputs(x, k, v, kpos, past)
-        read = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ordinary = self.heads - (0 if self.relative is None else len(self.relative.weights))
+        read = F.scaled_dot_product_attention(q[:, :ordinary], k[:, :ordinary], v[:, :ordinary], attn_mask=mask)
+        if self.relative is not None:
+            query, key = self.relative.extend(q, k, places, mask)
+            second = F.scaled_dot_product_attention(query, key, v[:, ordinary:], attn_mask=mask, scale=1.0)
+            read = torch.cat([read, second], 1)
         return torch.tanh(self.gate).to(x.dtype) * self.out(read.transpose(1, 2).flatten(-2))  # (B, T, D)
 
     def attention_weights(self, x: torch.Tensor, memory: ImageMemory) -> torch.Tensor:
-        """(B, H, T, 1 + M): what share each head at each position gives the nothing slot, then each patch, in
-        the parallel form of `forward(x, memory)`. For diagnostics (benchmarks/vqa_probe.py)."""
+        """(B, H, T, 1 + M): what share each head (the ordinary ones, then the relative ones) at each position
+        gives the nothing slot, then each patch, in the parallel form of `forward(x, memory)`. For diagnostics
+        (benchmarks/vqa_probe.py)."""
         start = torch.zeros((1, 1), dtype=torch.long, device=x.device)
-        q, k, _, mask = self._inputs(x, *self._keys(memory, start), start)
+        k, v, kpos, places = self._keys(memory, start)
+        q, k, _, mask = self._inputs(x, k, v, kpos, start)
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # the scale SDPA uses
+        if self.relative is not None:
+            query, key = self.relative.extend(q, k, places, mask)
+            relative = query @ key.transpose(-1, -2)
+            scores = torch.cat([scores[:, : -relative.shape[1]], relative], 1)
         return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor | None, dict]:

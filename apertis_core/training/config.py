@@ -31,7 +31,8 @@ class TrainConfig:
     # The cross-attention place maps (model.cross_attn_pos) stay at zero for this many steps. With places from
     # the start the model answered "where" through a blurred look at the picture and never learned "what"
     # (docs/MULTIMODAL.md); held back, the lookup by appearance forms first and the places then join it.
-    # The ViT's distance curves (model.image_distance_bias) are held with them.
+    # The ViT's distance curves (model.image_distance_bias) and the relative heads' place weights
+    # (model.cross_attn_relative_heads) are held with them.
     places_frozen_steps: int = 0
     weight_decay: float = 0.1  # AdamW decay, applied to weight matrices only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments; 0.95 reacts faster than 0.999 on small data

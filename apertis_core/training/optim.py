@@ -26,8 +26,9 @@ def parameter_groups(
     their own, marked "encoder", whose `lr_scale` multiplies the scheduled learning rate (ScaledAdamW);
     otherwise the two groups are as they always were, so older checkpoints' optimizer states still load.
     With `separate_places` the cross-attention place maps (`model.cross_attn_pos`) form groups marked
-    "places", with the ViT's distance curves (`model.image_distance_bias`), so `set_learning_rate` can hold them
-    as they are; they learn at the full rate, not the encoder's, since they start from nothing.
+    "places", with the ViT's distance curves (`model.image_distance_bias`) and the relative heads' place weights
+    (`model.cross_attn_relative_heads`), so `set_learning_rate` can hold them as they are; they learn at the
+    full rate, not the encoder's, since they start from nothing.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []

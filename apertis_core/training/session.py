@@ -77,10 +77,12 @@ def open_session(
     else:
         model_config = base[0].config if base else fresh_model_config(run.model, tokenizer)
     _check_images(report.stats["images"], model_config)
-    if cfg.places_frozen_steps and not (model_config.cross_attn_pos or model_config.image_distance_bias):
+    holds = model_config.cross_attn_pos or model_config.image_distance_bias or model_config.cross_attn_relative_heads
+    if cfg.places_frozen_steps and not holds:
         raise ConfigError(
-            "train.places_frozen_steps holds the cross-attention place maps and the ViT's distance curves, which "
-            "this model does not have: set model.cross_attn_pos=true (or model.image_distance_bias=true), or "
+            "train.places_frozen_steps holds the cross-attention place maps, the ViT's distance curves and the "
+            "relative heads' place weights, which this model does not have: set model.cross_attn_pos=true (or "
+            "model.image_distance_bias=true, or model.cross_attn_relative_heads above 0), or "
             "train.places_frozen_steps=0"
         )
     images = image_cache(model_config, run.data.image_augment)
