@@ -103,9 +103,10 @@ class ModelConfig:
     # its row and column, through a learned map per layer, docs/MULTIMODAL.md): answers such as "left or right"
     # read the place from the value without relying on the encoder to keep its input positions.
     cross_attn_pos: bool = False
-    # Extra heads per cross-attention layer that read the picture around where an ordinary head looks: head r
-    # adds to its scores a learned curve over each patch's distance from the place ordinary head r attends to,
-    # so "the object closest to / farthest from the red one" is two looks in one layer (model/relative_heads.py).
+    # Extra heads per cross-attention layer that read the picture relative to where an ordinary head looks: head
+    # r adds to its scores a learned function of each patch's row and column offset from the place ordinary head
+    # r attends to, so "the object closest to / farthest from the red one" is two looks in one layer
+    # (model/relative_heads.py). Off: in the shapes benchmark it did not teach those questions (docs/MULTIMODAL.md).
     cross_attn_relative_heads: int = 0
 
     # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
