@@ -71,6 +71,8 @@ def prepare_data(folder: Path, scenes: int, seed: int, curriculum: bool = False)
     if summary.is_file():
         known = json.loads(summary.read_text())
         same = known.get("seed") == seed and sum(known["scenes"].values()) == scenes and known.get("caption_turns")
+        # A set made by hand with other scenes (generate_shapes' n_objects, image_size) is not this benchmark's.
+        same = same and known.get("n_objects", 6) == 6 and known.get("image_size", 64) == 64
         if same and known.get("curriculum", False) == curriculum:
             return folder
     # conversations: one image encoding for a caption and 20 questions; curriculum: easy questions listed first

@@ -8,6 +8,8 @@ questions per scene), for questions that name an object by colour ("... the red 
   spreading evenly over the picture would give is printed beside it). A model that finds the object puts
   most of a head's attention there. For "the object closest to / farthest from" colour questions, also the
   share on the object the answer names: whether the second look, from the named object to that one, is made.
+  With `--before N`, also the share on the named object at each of the N tokens before that position (the
+  colour word is 4 before it): a look made at the colour word in the last layer cannot reach the answer.
 - **Carry**: a linear probe for the named colour from each cross-attention layer's input at that position,
   per question type: whether the question has brought the name there for a lookup to use.
 - **Keep**: a linear probe (fit on 70% of the objects, scored on 30%) for the named object's shape from the
@@ -67,10 +69,13 @@ def questions(data: Path, limit: int) -> list[dict]:
     return picked
 
 
-def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tuple[dict, dict, dict]:
+def look(
+    model, tokenizer, data: Path, rows: list[dict], batch: int = 50, before: int = 0
+) -> tuple[dict, dict, dict, dict]:
     """{(qtype, layer): (best head's mean share on the object, even share)} at the answer-predicting position;
-    the same for the object the answer names, for relational colour questions; and {(qtype, layer): [(that
-    layer's input there, the named colour's index)]} for `carry`."""
+    the same for the object the answer names, for relational colour questions; {(qtype, layer): [(that
+    layer's input there, the named colour's index)]} for `carry`; and {(qtype, layer, tokens before, that
+    token in the type's first question): (best share on the named object, even share)} for 1..`before`."""
     from apertis_core.data import load_dataset
     from apertis_core.data.shapes import COLOURS
     from apertis_core.evaluation import IGNORE_INDEX, TokenDataset, encode_records, make_windows
@@ -92,14 +97,17 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tup
     shares: dict = defaultdict(list)
     answered: dict = defaultdict(list)
     carried: dict = defaultdict(list)
+    earlier: dict = defaultdict(list)
+    words: dict = {}
     try:
         with torch.no_grad():
             for start in range(0, len(rows), batch):
                 items = [samples[i] for i in range(start, min(start + batch, len(rows)))]
                 labels = torch.stack([it["labels"] for it in items])
                 inputs.clear()
+                ids = torch.stack([it["input_ids"] for it in items])
                 model(
-                    torch.stack([it["input_ids"] for it in items]),
+                    ids,
                     images=images.batch([it["images"] for it in items], train=False, device="cpu"),
                 )
                 answer_at = (labels != IGNORE_INDEX).float().argmax(1)
@@ -107,14 +115,21 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tup
                     weights = layer.attention_weights(x, memory)  # (B, H, T, 1 + M)
                     seen = (memory.positions != NEVER).sum(1)  # (B,) patches of each sample's one picture
                     for j, row in enumerate(rows[start : start + len(items)]):
-                        on = object_patches(data / row["image"], row["colour"], cfg.image_patch_size, int(seen[j]))
-                        read = weights[j, :, answer_at[j], 1 : 1 + on.numel()]
-                        shares[(row["qtype"], index)].append((read[:, on].sum(-1), on.float().mean()))
+                        named = object_patches(data / row["image"], row["colour"], cfg.image_patch_size, int(seen[j]))
+                        read = weights[j, :, answer_at[j], 1 : 1 + named.numel()]
+                        shares[(row["qtype"], index)].append((read[:, named].sum(-1), named.float().mean()))
                         if row["kind"] == "rel" and row["qtype"].endswith("_colour"):
                             target = row["messages"][-1]["content"]
                             on = object_patches(data / row["image"], target, cfg.image_patch_size, int(seen[j]))
                             answered[(row["qtype"], index)].append((read[:, on].sum(-1), on.float().mean()))
                         carried[(row["qtype"], index)].append((x[j, answer_at[j]], list(COLOURS).index(row["colour"])))
+                        for back in range(1, min(before, int(answer_at[j])) + 1):
+                            at = int(answer_at[j]) - back
+                            word = words.setdefault((row["qtype"], back), tokenizer.decode([int(ids[j, at])]))
+                            read = weights[j, :, at, 1 : 1 + named.numel()]
+                            earlier[(row["qtype"], index, back, word)].append(
+                                (read[:, named].sum(-1), named.float().mean())
+                            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -125,7 +140,7 @@ def look(model, tokenizer, data: Path, rows: list[dict], batch: int = 50) -> tup
             for key, got in sorted(found.items())
         }
 
-    return best(shares), best(answered), dict(sorted(carried.items()))
+    return best(shares), best(answered), dict(sorted(carried.items())), best(earlier)
 
 
 def carry(carried: dict) -> dict:
@@ -194,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--data", type=Path, required=True, help="a generated shapes set (its test.jsonl and images)")
     parser.add_argument("--rows", type=int, default=600, help="questions to look through (default 600)")
+    parser.add_argument("--before", type=int, default=0, help="also look at this many tokens before the answer")
     args = parser.parse_args(argv)
     from apertis_core import ApertisModel, load_bundle
     from apertis_core.data.shapes import COLOURS
@@ -208,12 +224,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = questions(args.data, args.rows)
     print(f"{args.bundle}: {len(rows)} questions from {args.data}")
     print("look: best head's share of attention on the named object at the answer (even spread beside it)")
-    shares, answered, carried = look(model, tokenizer, args.data, rows)
+    shares, answered, carried, earlier = look(model, tokenizer, args.data, rows, before=args.before)
     for (qtype, layer), (share, even) in shares.items():
         print(f"  {qtype:<18} layer {layer}: {share:6.1%}  (even {even:.1%})")
     print("look (answer): best head's share on the object the answer names, closest/farthest colour questions")
     for (qtype, layer), (share, even) in answered.items():
         print(f"  {qtype:<18} layer {layer}: {share:6.1%}  (even {even:.1%})")
+    if earlier:
+        print("look (before): best head's share on the named object at each token before the answer's position")
+    for (qtype, layer, back, word), (share, even) in earlier.items():
+        print(f"  {qtype:<18} layer {layer}, {back} before ({word.strip()!r}): {share:6.1%}  (even {even:.1%})")
     print("carry: the named colour read by a linear probe from each cross-attention layer's input at the answer")
     for (qtype, layer), accuracy in carry(carried).items():
         print(f"  {qtype:<18} layer {layer}: {accuracy:6.1%}  (chance {1 / len(COLOURS):.1%})")

@@ -45,3 +45,15 @@ def test_models_option_picks_what_runs_and_refuses_unknown_names(tmp_path, capsy
     with pytest.raises(SystemExit):
         vqa.main(["--minutes", "0", "--models", "cnn_mlp"])  # no budget at all
     assert "the baselines need a budget" in capsys.readouterr().err
+
+
+def test_a_kept_set_is_reused_only_when_it_is_this_benchmarks_scenes(tmp_path):
+    from apertis_core.data.shapes import generate_shapes
+
+    folder = tmp_path / "shapes"
+    generate_shapes(folder, n=20, seed=0, n_objects=3, conversations=True)  # same seed and size, other scenes
+    vqa.prepare_data(folder, scenes=20, seed=0)
+    assert json.loads((folder / "summary.json").read_text())["n_objects"] == 6
+    written = (folder / "train.jsonl").stat().st_mtime_ns
+    vqa.prepare_data(folder, scenes=20, seed=0)
+    assert (folder / "train.jsonl").stat().st_mtime_ns == written

@@ -38,18 +38,25 @@ def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, caps
     for layer in model.modules():  # no query: every head spreads evenly over the nothing slot and 64 patches
         if isinstance(layer, GatedCrossAttention):
             torch.nn.init.zeros_(layer.q.weight)
-    shares, answered, carried = vqa_probe.look(model.eval(), tokenizer, data, rows)
+    shares, answered, carried, earlier = vqa_probe.look(model.eval(), tokenizer, data, rows, before=4)
     assert {layer for _, layer in shares} == {0, 1}
     assert {qtype for qtype, _ in answered} == {"closest_colour", "farthest_colour"}
-    for share, even in [*shares.values(), *answered.values()]:
+    assert {(qtype, layer, back) for qtype, layer, back, _ in earlier} == {
+        (q, at, b) for q, at in shares for b in (1, 2, 3, 4)
+    }
+    # "... the red object?": the colour word is 4 tokens before the position that predicts the answer
+    colour_words = {word.strip() for qtype, _, back, word in earlier if back == 4 and qtype == "shape"}
+    assert len(colour_words) == 1 and colour_words <= set(COLOURS)
+    for share, even in [*shares.values(), *answered.values(), *earlier.values()]:
         assert 0 < even < 0.5 and abs(share - even * 64 / 65) < 1e-5
     assert carried.keys() == shares.keys()
     named = sorted(list(COLOURS).index(r["colour"]) for r in rows)
     for layer in (0, 1):
         got = [(x, c) for (_, at), pairs in carried.items() if at == layer for x, c in pairs]
         assert sorted(c for _, c in got) == named and {x.shape for x, _ in got} == {(32,)}
-    vqa_probe.main([str(bundle), "--data", str(data), "--rows", "40"])
+    vqa_probe.main([str(bundle), "--data", str(data), "--rows", "40", "--before", "2"])
     out = capsys.readouterr().out
+    assert "look (before): best head's share on the named object" in out and "layer 1, 2 before (" in out
     assert "look: best head's share" in out and "keep (trained): shape from encoder tokens" in out
     assert "carry: the named colour" in out and "look (answer): best head's share on the object the answer" in out
 
