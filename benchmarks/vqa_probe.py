@@ -15,6 +15,8 @@ questions per scene), for questions that name an object by colour ("... the red 
 - **Keep**: a linear probe (fit on 70% of the objects, scored on 30%) for the named object's shape from the
   mean encoder token over its patches, and from each cross-attention layer's values there; beside it the same
   probe on a freshly initialised model of the same config. Near 33% means the features do not say the shape.
+  The same for the colour of the object closest to and farthest from it: near 17-20% means the patches say
+  nothing about the object's neighbours, so no single look at it can answer a relational colour question.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 import torch
 
 NAMED = re.compile(r"the (\w+) object")
+# What `keep` probes the named object's patches for, by the question type whose answer is the label.
+KEPT = {"shape": "shape", "closest_colour": "closest object's colour", "farthest_colour": "farthest object's colour"}
 
 
 def named_patches(picture: Path, colour_rgb: tuple[int, int, int], patch: int) -> torch.Tensor:
@@ -153,15 +157,17 @@ def carry(carried: dict) -> dict:
     }
 
 
-def keep(model, data: Path, rows: list[dict], limit: int = 900) -> list[float]:
-    """Shape-probe accuracy from the encoder tokens, then each cross-attention layer's values, on the object."""
+def keep(model, data: Path, rows: list[dict], qtype: str = "shape", limit: int = 900) -> list[float]:
+    """Accuracy of a probe for the answer to `qtype` questions about the named object (its shape, or the colour
+    of the object closest to or farthest from it) from the encoder tokens, then each cross-attention layer's
+    values, averaged over the named object's patches."""
     from PIL import Image
 
     from apertis_core.model.cross_attention import GatedCrossAttention
     from apertis_core.vision import preprocess_image
 
     cfg = model.config
-    objects = list({(r["image"], r["colour"]): r for r in rows if r["qtype"] == "shape"}.values())[:limit]
+    objects = list({(r["image"], r["colour"]): r for r in rows if r["qtype"] == qtype}.values())[:limit]
     pictures = sorted({r["image"] for r in objects})
     where = {name: i for i, name in enumerate(pictures)}
     tensors = [
@@ -238,11 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     for (qtype, layer), accuracy in carry(carried).items():
         print(f"  {qtype:<18} layer {layer}: {accuracy:6.1%}  (chance {1 / len(COLOURS):.1%})")
     fresh = ApertisModel(model.config).eval()
-    for name, probed in (("trained", model), ("fresh init", fresh)):
-        encoder, *values = keep(probed, args.data, questions(args.data, 10 * args.rows))
-        print(
-            f"keep ({name}): shape from encoder tokens {encoder:.1%}; from values", " ".join(f"{v:.1%}" for v in values)
-        )
+    kept = questions(args.data, 10 * args.rows)
+    for qtype, what in KEPT.items():
+        for name, probed in (("trained", model), ("fresh init", fresh)):
+            encoder, *values = keep(probed, args.data, kept, qtype)
+            print(
+                f"keep ({name}): {what} from encoder tokens {encoder:.1%}; from values",
+                " ".join(f"{v:.1%}" for v in values),
+            )
 
 
 if __name__ == "__main__":

@@ -82,3 +82,36 @@ def test_carry_reads_a_colour_that_is_there_and_not_one_that_is_not():
     absent = {("hpos", 0): [(n, int(c)) for n, c in zip(noise, colours, strict=True)]}
     assert vqa_probe.carry(there)[("hpos", 0)] > 0.9
     assert vqa_probe.carry(absent)[("hpos", 0)] < 0.4
+
+
+def test_keep_probes_for_the_answer_of_the_question_type_asked(tmp_path):
+    """Encoder tokens that hold, on each object, the colour of the object closest to it: the probe reads that
+    for closest-colour questions and not the farthest object's colour from the same tokens."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from apertis_core.data.shapes import generate_shapes
+    from apertis_core.vision import preprocess_image
+
+    generate_shapes(tmp_path, n=600, seed=3)
+    rows = vqa_probe.questions(tmp_path, 100_000)
+    painted = {row["image"]: torch.zeros(64, len(COLOURS)) for row in rows}
+    for row in rows:
+        if row["qtype"] == "closest_colour":
+            tokens = painted[row["image"]]
+            on = vqa_probe.object_patches(tmp_path / row["image"], row["colour"], 8, 64)
+            tokens[on] = torch.nn.functional.one_hot(
+                torch.tensor(list(COLOURS).index(row["messages"][-1]["content"])), 6
+            ).float()
+    pixels = {name: preprocess_image(Image.open(tmp_path / name).convert("RGB"), 8, 64) for name in painted}
+
+    class Encoder(torch.nn.Module):
+        config = SimpleNamespace(image_patch_size=8, image_max_patches=64)
+
+        def vision(self, pictures):
+            return [next(painted[n] for n, p in pixels.items() if torch.equal(p, picture)) for picture in pictures]
+
+    closest = vqa_probe.keep(Encoder(), tmp_path, rows, "closest_colour")
+    farthest = vqa_probe.keep(Encoder(), tmp_path, rows, "farthest_colour")
+    assert closest == [1.0] and farthest[0] < 0.6
