@@ -99,11 +99,9 @@ def test_keep_probes_for_the_answer_of_the_question_type_asked(tmp_path):
     painted = {row["image"]: torch.zeros(64, len(COLOURS)) for row in rows}
     for row in rows:
         if row["qtype"] == "closest_colour":
-            tokens = painted[row["image"]]
             on = vqa_probe.object_patches(tmp_path / row["image"], row["colour"], 8, 64)
-            tokens[on] = torch.nn.functional.one_hot(
-                torch.tensor(list(COLOURS).index(row["messages"][-1]["content"])), 6
-            ).float()
+            answer = torch.tensor(list(COLOURS).index(row["messages"][-1]["content"]))
+            painted[row["image"]][on] = torch.nn.functional.one_hot(answer, len(COLOURS)).float()
     pixels = {name: preprocess_image(Image.open(tmp_path / name).convert("RGB"), 8, 64) for name in painted}
 
     class Encoder(torch.nn.Module):
