@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     fresh = ApertisModel(model.config).eval()
     kept = questions(args.data, 10 * args.rows)
     for qtype, what in KEPT.items():
+        if not any(row["qtype"] == qtype for row in kept):  # scenes of two objects have no closest or farthest
+            print(f"keep: no {qtype} questions among the first {len(kept)} of {args.data / 'test.jsonl'}")
+            continue
         for name, probed in (("trained", model), ("fresh init", fresh)):
             encoder, *values = keep(probed, args.data, kept, qtype)
             print(

@@ -59,6 +59,12 @@ def test_the_reported_share_is_the_models_attention_on_the_object(tmp_path, caps
     assert "look (before): best head's share on the named object" in out and "layer 1, 2 before (" in out
     assert "look: best head's share" in out and "keep (trained): shape from encoder tokens" in out
     assert "carry: the named colour" in out and "look (answer): best head's share on the object the answer" in out
+    from apertis_core.data.shapes import generate_shapes
+
+    generate_shapes(tmp_path / "two", n=20, seed=0, n_objects=2)  # two objects: no closest or farthest to ask
+    vqa_probe.main([str(bundle), "--data", str(tmp_path / "two"), "--rows", "40"])
+    out = capsys.readouterr().out
+    assert "keep (trained): shape from encoder tokens" in out and "keep: no closest_colour questions" in out
 
 
 def test_pictures_the_model_would_rescale_and_missing_data_are_refused(tmp_path, capsys):
