@@ -10,6 +10,7 @@ import torch
 
 from apertis_core.model.config import PLACE_FREQUENCIES
 from apertis_core.model.cross_attention import GatedCrossAttention, ImageMemory
+from apertis_core.model.relative_heads import WEIGHT_SCALE, RelativeHeads
 from apertis_core.vision.positions import patch_places
 
 from conftest import tiny_config
@@ -95,3 +96,37 @@ def test_relational_answers_train_the_first_look():
     assert torch.equal(per_head[1:ordinary], torch.zeros(ordinary - 1))  # no path from the other ordinary heads
     assert per_head[-1] > 0
     assert layer.relative.weights.grad.abs().sum() > 0
+
+
+def test_distance_profiles_score_the_squared_offset_from_the_first_look():
+    strength = 20.0
+    places = patch_places(8, 8, "cpu")  # offsets in eighths of the picture: up to 7/8 along each axis
+    closest, farthest = RelativeHeads(2, PLACE_FREQUENCIES, strength).weights * WEIGHT_SCALE
+    grid = torch.cartesian_prod(torch.arange(8.0), torch.arange(8.0)) / 8
+    for found in (0, 27, 63):  # a corner, the middle, the other corner
+        squared = (grid - grid[found]).square().sum(-1)
+        score = (places[found] * places * farthest).sum(-1)
+        # Four cosines carry offset^2 to within a tenth of the strength; the profiles are each other's negative.
+        assert (score - score[found] - strength * squared).abs().max() < 0.1 * strength
+        assert torch.allclose((places[found] * places * closest).sum(-1), -score)
+
+
+def test_profile_started_heads_look_at_the_found_place_and_farthest_from_it():
+    cfg = tiny_config(
+        "apertis-nano", image_encoder="vit", image_patch_size=8, image_token_id=5, cross_attn_every=1,
+        cross_attn_relative_heads=2, cross_attn_relative_init=20.0,
+    )  # fmt: skip
+    layer = GatedCrossAttention(cfg).eval()
+    with torch.no_grad():
+        layer.q.weight.zero_()
+        layer.kv.weight.zero_()
+        for head in (0, 1):  # both followed heads look at whichever patch is large in the first coordinate
+            layer.q.weight[head * layer.head_dim] = 10.0 / layer.q.in_features
+            layer.kv.weight[head * layer.head_dim, 0] = 1.0
+        weights = layer.attention_weights(torch.ones(1, GRID * GRID + 2, 32), look_at(5))[0, :, -1, 1:]
+    assert [int(w.argmax()) for w in weights[-2:]] == [5, 15]  # closest: the place itself; farthest: a corner
+    start = layer.relative.weights.detach().clone()
+    with torch.no_grad():
+        layer.relative.weights.add_(1.0)
+    layer.reset_place()
+    assert torch.equal(layer.relative.weights, start)  # the start value is the profile, not zero

@@ -108,6 +108,10 @@ class ModelConfig:
     # r attends to, so "the object closest to / farthest from the red one" is two looks in one layer
     # (model/relative_heads.py). Off: in the shapes benchmark it did not teach those questions (docs/MULTIMODAL.md).
     cross_attn_relative_heads: int = 0
+    # Where the relative heads start: 0 at zero (ordinary heads until training moves them); c > 0 at distance
+    # profiles, even heads -c * offset^2 per axis ("closest"), odd heads +c * offset^2 ("farthest"), offsets in
+    # fractions of the picture (model/relative_heads.py).
+    cross_attn_relative_init: float = 0.0
 
     # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
     # small confidence head decides per token whether another pass is needed. Off (1): it did not pay at nano scale.
@@ -211,6 +215,13 @@ class ModelConfig:
                 ),
                 "cross_attn_relative_heads must be between 0 and n_heads (each follows an ordinary head of a "
                 "cross-attention layer), and above 0 only with cross_attn_every > 0",
+            ),
+            (
+                lambda: (
+                    self.cross_attn_relative_init >= 0
+                    and (self.cross_attn_relative_heads or not self.cross_attn_relative_init)
+                ),
+                "cross_attn_relative_init must be >= 0 (0 = start at zero), and above 0 only with cross_attn_relative_heads",
             ),
             (
                 lambda: not self.image_distance_bias or self.image_encoder == "vit",

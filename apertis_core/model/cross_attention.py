@@ -64,7 +64,7 @@ class GatedCrossAttention(nn.Module):
         # The relative heads (relative_heads.py) come after the ordinary ones and share their projections.
         self.heads, self.head_dim = cfg.n_heads + cfg.cross_attn_relative_heads, cfg.dim_head()
         relative = cfg.cross_attn_relative_heads
-        self.relative = RelativeHeads(relative, 4 * PLACE_FREQUENCIES) if relative else None
+        self.relative = RelativeHeads(relative, PLACE_FREQUENCIES, cfg.cross_attn_relative_init) if relative else None
         self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps  # as in the softmax layers: steadier at high lr
         inner = self.heads * self.head_dim
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -83,9 +83,12 @@ class GatedCrossAttention(nn.Module):
         return held + ([] if self.relative is None else self.relative.place_parameters())
 
     def reset_place(self) -> None:
-        """Zero place map: the layer reads what it reads without places until training moves it."""
-        for param in self.place_parameters():
-            nn.init.zeros_(param)
+        """Zero place map: the layer reads what it reads without places until training moves it; the relative
+        heads back at their start value."""
+        if self.place is not None:
+            nn.init.zeros_(self.place.weight)
+        if self.relative is not None:
+            self.relative.reset()
 
     def init_state(self, batch_size: int, device, dtype) -> dict:
         empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
