@@ -63,8 +63,8 @@ RECIPE = {
 }
 
 
-def prepare_data(folder: Path, scenes: int, seed: int, curriculum: bool = False) -> Path:
-    """The shapes set in `folder` (reused when an earlier run wrote the same one)."""
+def prepare_data(folder: Path, scenes: int, seed: int, curriculum: bool = False, ask: tuple[str, ...] = ()) -> Path:
+    """The shapes set in `folder` (reused when an earlier run wrote the same one); `ask`: generate_shapes'."""
     from apertis_core.data.shapes import generate_shapes
 
     summary = folder / "summary.json"
@@ -73,10 +73,10 @@ def prepare_data(folder: Path, scenes: int, seed: int, curriculum: bool = False)
         same = known.get("seed") == seed and sum(known["scenes"].values()) == scenes and known.get("caption_turns")
         # A set made by hand with other scenes (generate_shapes' n_objects, image_size) is not this benchmark's.
         same = same and known.get("n_objects", 6) == 6 and known.get("image_size", 64) == 64
-        if same and known.get("curriculum", False) == curriculum:
+        if same and known.get("curriculum", False) == curriculum and known.get("ask", []) == list(ask):
             return folder
     # conversations: one image encoding for a caption and 20 questions; curriculum: easy questions listed first
-    generate_shapes(folder, n=scenes, seed=seed, conversations=True, curriculum=curriculum)
+    generate_shapes(folder, n=scenes, seed=seed, conversations=True, curriculum=curriculum, ask=ask)
     return folder
 
 
@@ -141,7 +141,9 @@ def train_apertis(args: argparse.Namespace, data: Path, workdir: Path) -> dict:
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     from benchmarks.vqa_baselines import train_baseline
 
-    data = prepare_data(args.data or workdir / "shapes", args.scenes, args.seed, curriculum=args.curriculum > 0)
+    data = prepare_data(
+        args.data or workdir / "shapes", args.scenes, args.seed, curriculum=args.curriculum > 0, ask=args.ask
+    )
     results = {}
     for name in args.models:
         if name == "apertis":
@@ -187,6 +189,15 @@ def model_list(text: str) -> list[str]:
     return names
 
 
+def question_list(text: str) -> tuple[str, ...]:
+    from apertis_core.data.shapes import question_types
+
+    try:
+        return question_types(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apertis bench vqa", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget of each model (default 30)")
@@ -198,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--curriculum", type=float, default=0.0,
         help="epochs of easy-first sampling for the model: non-relational questions first (data.curriculum_epochs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ask", type=question_list, default=(), metavar="TYPES",
+        help="train on only these question types (and 'caption'), e.g. shape,closest_colour,farthest_colour: a "
+        "focused phase, usually with --set init_from=BUNDLE; the held-out questions stay all of them",
     )  # fmt: skip
     parser.add_argument("--scenes", type=int, default=10_000, help="scenes to generate, 10%% held out (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated set")

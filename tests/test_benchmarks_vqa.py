@@ -57,3 +57,16 @@ def test_a_kept_set_is_reused_only_when_it_is_this_benchmarks_scenes(tmp_path):
     written = (folder / "train.jsonl").stat().st_mtime_ns
     vqa.prepare_data(folder, scenes=20, seed=0)
     assert (folder / "train.jsonl").stat().st_mtime_ns == written
+
+
+def test_a_focused_set_is_kept_apart_from_the_full_one(tmp_path, capsys):
+    folder = tmp_path / "shapes"
+    vqa.prepare_data(folder, scenes=20, seed=0)
+    full = (folder / "train.jsonl").read_text()
+    vqa.prepare_data(folder, scenes=20, seed=0, ask=("farthest_colour",))  # not the full set: written anew
+    focused = (folder / "train.jsonl").read_text()
+    assert focused != full and "Describe the picture." not in focused and "farthest from" in focused
+    assert json.loads((folder / "summary.json").read_text())["ask"] == ["farthest_colour"]
+    with pytest.raises(SystemExit):
+        vqa.main(["--ask", "shape,colours"])
+    assert "unknown question type colours" in capsys.readouterr().err

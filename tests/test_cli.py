@@ -2,6 +2,7 @@
 generation, a scripted chat session, export and data validation through the CLI."""
 
 import io
+import json
 import subprocess
 import sys
 
@@ -194,6 +195,13 @@ def test_data_demo_shapes_writes_a_dataset(tmp_path, capsys):
     assert main(["data", "demo", "shapes", "--out", str(tmp_path / "shapes"), "--n", "3", "--seed", "1"]) == 0
     assert (tmp_path / "shapes" / "train.jsonl").is_file()
     assert "scenes" in capsys.readouterr().out
+    focused = ["data", "demo", "shapes", "--out", str(tmp_path / "count"), "--n", "3", "--ask", "count"]
+    assert main(focused) == 0
+    asked = [m["content"] for line in (tmp_path / "count" / "train.jsonl").read_text().splitlines()
+             for m in json.loads(line)["messages"][::2]]  # fmt: skip
+    assert asked and all("How many" in question for question in asked)
+    assert main([*focused[:-1], "count,size"]) != 0
+    assert "unknown question type size" in capsys.readouterr().err
 
 
 def test_data_demo_text_writes_the_studio_demo_text(tmp_path, capsys):

@@ -173,3 +173,36 @@ def test_bad_arguments_are_refused(tmp_path):
         make_scene(random.Random(0), n_objects=7)
     with pytest.raises(ValueError, match="larger size"):
         make_scene(random.Random(0), size=16, n_objects=6, radius=4)
+
+
+def test_a_focused_set_asks_only_the_named_types_of_the_full_sets_scenes(tmp_path):
+    generate_shapes(tmp_path / "full", n=12, seed=2, heldout_fraction=0.25, conversations=True)
+    generate_shapes(tmp_path / "focus", n=12, seed=2, heldout_fraction=0.25, conversations=True, ask="shape,count")
+    generate_shapes(tmp_path / "records", n=12, seed=2, heldout_fraction=0.25)
+    generate_shapes(tmp_path / "plain", n=12, seed=2, heldout_fraction=0.25, ask=("caption", "farthest_colour"))
+    for name, whole in (("focus", "full"), ("plain", "records")):  # same pictures and held-out questions
+        for file in ("test.jsonl", "images/000003.png"):
+            assert (tmp_path / name / file).read_bytes() == (tmp_path / whole / file).read_bytes()
+    full, focus = read_jsonl(tmp_path / "full" / "train.jsonl"), read_jsonl(tmp_path / "focus" / "train.jsonl")
+    assert len(focus) == len(full) == 9
+    for whole, kept in zip(full, focus, strict=True):
+        relative = ("closest", "farthest")  # "What shape is the object closest to ..." is not a named shape
+        wanted = [
+            (q, a)
+            for q, a in turns(whole)
+            if q.startswith(("What shape", "How many")) and not any(w in q for w in relative)
+        ]
+        assert turns(kept) == wanted and kept["image"] == whole["image"]
+        assert kept["messages"][0]["content"].startswith("<image>\n")
+    records, plain = read_jsonl(tmp_path / "records" / "train.jsonl"), read_jsonl(tmp_path / "plain" / "train.jsonl")
+    assert plain == [row for row in records if row.get("qtype", row["kind"]) in ("caption", "farthest_colour")]
+    assert any(row["kind"] == "caption" for row in plain) and any("qtype" in row for row in plain)
+    assert json.loads((tmp_path / "focus" / "summary.json").read_text())["ask"] == ["shape", "count"]
+    with pytest.raises(ValueError, match="unknown question type closest_size"):
+        generate_shapes(tmp_path / "bad", n=2, ask="shape,closest_size")
+
+
+def turns(chat: dict) -> list[tuple[str, str]]:
+    """(question, answer) pairs of a chat, without the image marker."""
+    asked, answered = chat["messages"][::2], chat["messages"][1::2]
+    return [(q["content"].removeprefix("<image>\n"), a["content"]) for q, a in zip(asked, answered, strict=True)]

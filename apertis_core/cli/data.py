@@ -45,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ask each training scene's caption and questions in one multi-turn chat (several times cheaper to train on)",
     )
+    shapes.add_argument(
+        "--ask",
+        default="",
+        metavar="TYPES",
+        help="training chats ask only these question types (and 'caption'), e.g. shape,closest_colour,farthest_colour: "
+        "a focused set with the same scenes and held-out questions",
+    )
     shapes.set_defaults(run=run_shapes)
     text = demo_sub.add_parser(
         "text",
@@ -77,7 +84,7 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_shapes(args: argparse.Namespace) -> int:
     from ..data.shapes import generate_shapes
 
-    summary = generate_shapes(args.out, n=args.n, seed=args.seed, conversations=args.conversations)
+    summary = generate_shapes(args.out, n=args.n, seed=args.seed, conversations=args.conversations, ask=args.ask)
     scenes, records = summary["scenes"], summary["records"]
     out = summary["out_dir"]
     print(

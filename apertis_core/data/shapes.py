@@ -31,6 +31,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 0),
 }
 SHAPES = ("circle", "square", "triangle")
+# What a training set may ask (generate_shapes' `ask`): the question types, and the caption.
+QUESTION_TYPES = (
+    "shape", "hpos", "vpos", "colour", "closest_shape", "closest_colour", "farthest_shape", "farthest_colour", "count",
+)  # fmt: skip
+CAPTION = "caption"
 CAPTION_PROMPT = "Describe the picture."  # how a conversation asks for the scene's caption
 BACKGROUND = (255, 255, 255)
 
@@ -183,6 +188,7 @@ def generate_shapes(
     n_objects: int = 6,
     conversations: bool = False,
     curriculum: bool = False,
+    ask: str | tuple[str, ...] = (),
 ) -> dict:
     """Write images/NNNNNN.png, train.jsonl, test.jsonl and summary.json under out_dir; return the summary.
 
@@ -196,10 +202,14 @@ def generate_shapes(
     in 30 CPU minutes). test.jsonl always has one question per record, for scoring. With `curriculum`,
     train.jsonl lists the easy records first (captions and non-relational questions of every scene), then the
     relational ones (each scene then has two chats, one per kind), for a loader that starts on the first ones
-    (data.curriculum_epochs).
+    (data.curriculum_epochs). With `ask` (question types from QUESTION_TYPES, and CAPTION), train.jsonl keeps
+    only those of each scene's drawn questions, and the caption only if asked: a focused set for one phase of
+    training, with the same scenes, draws and held-out questions as the full set of that seed.
     """
     if n < 1 or not 0.0 <= heldout_fraction < 1.0 or questions_per_kind < 0:
         raise ValueError("need n >= 1, 0 <= heldout_fraction < 1 and questions_per_kind >= 0")
+    ask = question_types(ask) if ask else ()
+    captioned = not ask or CAPTION in ask
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -218,14 +228,18 @@ def generate_shapes(
         asked = _sample(rng, questions(scene), questions_per_kind)
         if conversations and split == "train":
             rng.shuffle(asked)  # relational and non-relational questions mixed, in any order
+            asked = [q for q in asked if not ask or q.qtype in ask]
             groups = [[q for q in asked if q.kind == kind] for kind in ("nonrel", "rel")] if curriculum else [asked]
             groups = [group for group in groups if group] or [[]]
             at = turn_rng.randrange(len(groups[0]) + 1)  # the caption is asked for anywhere in the (easy) chat
-            records = [_conversation_record(image, groups[0], caption(scene), at)]
+            records = [_conversation_record(image, groups[0], caption(scene) if captioned else None, at)]
             records += [_conversation_record(image, group) for group in groups[1:]]
+            records = [record for record in records if record["messages"]]
         else:
-            records = [_question_record(image, q) for q in asked]
             if split == "train":
+                asked = [q for q in asked if not ask or q.qtype in ask]
+            records = [_question_record(image, q) for q in asked]
+            if split == "train" and captioned:
                 records.insert(0, {"image": image, "text": caption(scene), "kind": "caption"})
         if curriculum and split == "train":
             hard += [json.dumps(r) for r in records if r["kind"] == "rel"]
@@ -236,7 +250,7 @@ def generate_shapes(
         atomic_write_text(out / f"{split}.jsonl", "".join(row + "\n" for row in rows))
     summary = {
         "seed": seed, "image_size": image_size, "n_objects": n_objects, "conversations": conversations,
-        "curriculum": curriculum, "caption_turns": conversations,
+        "curriculum": curriculum, "caption_turns": conversations, "ask": list(ask),
         "scenes": {"train": n - n_test, "test": n_test},
         "records": {split: len(rows) for split, rows in lines.items()},
         "files": {"train": "train.jsonl", "test": "test.jsonl"},  # relative to out_dir
@@ -244,6 +258,17 @@ def generate_shapes(
     # Data validation skips this file by name, so the folder validates clean.
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return {**summary, "out_dir": str(out)}
+
+
+def question_types(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Question types to ask, from a tuple or comma-separated text; ValueError naming any that do not exist."""
+    names = tuple(n.strip() for n in names.split(",")) if isinstance(names, str) else tuple(names)
+    unknown = [name for name in names if name not in (*QUESTION_TYPES, CAPTION)]
+    if unknown or not any(names):
+        raise ValueError(
+            f"unknown question type {', '.join(unknown) or '(none)'}; choose from {', '.join(QUESTION_TYPES)}, {CAPTION}"
+        )
+    return names
 
 
 def _sample(rng: random.Random, found: list[Question], per_kind: int) -> list[Question]:
