@@ -163,6 +163,10 @@ def test_bad_settings_are_clear_config_errors():
         image_config(cross_attn_relative_heads=1)  # no cross-attention layer to add them to
     with pytest.raises(ConfigError, match="cross_attn_relative_heads must be between 0 and n_heads"):
         image_config(cross_attn_every=1, cross_attn_relative_heads=5)  # 4 ordinary heads to follow
+    with pytest.raises(ConfigError, match="cross_attn_relative_init .* only with cross_attn_relative_heads"):
+        image_config(cross_attn_every=1, cross_attn_relative_init=20.0)  # no relative heads to start
+    with pytest.raises(ConfigError, match="cross_attn_relative_init must be >= 0"):
+        image_config(cross_attn_every=1, cross_attn_relative_heads=2, cross_attn_relative_init=-1.0)
     assert image_config().override(["cross_attn_every=2", "image_pos=rope2d"]).cross_attn_every == 2
 
 

@@ -106,7 +106,8 @@ class ModelConfig:
     # Extra heads per cross-attention layer that read the picture relative to where an ordinary head looks: head
     # r adds to its scores a learned function of each patch's row and column offset from the place ordinary head
     # r attends to, so "the object closest to / farthest from the red one" is two looks in one layer
-    # (model/relative_heads.py). Off: in the shapes benchmark it did not teach those questions (docs/MULTIMODAL.md).
+    # (model/relative_heads.py). Off: within the shapes benchmark's 30 minutes they did not teach those questions;
+    # the demo model has 16, started at distance profiles, and phases that ask those questions often (docs/MULTIMODAL.md).
     cross_attn_relative_heads: int = 0
     # Where the relative heads start: 0 at zero (ordinary heads until training moves them); c > 0 at distance
     # profiles, even heads -c * offset^2 per axis ("closest"), odd heads +c * offset^2 ("farthest"), offsets in
