@@ -15,6 +15,7 @@ from apertis_core.data.shapes import (
     Shape,
     generate_shapes,
     make_scene,
+    question_types,
     questions,
     render,
 )
@@ -200,6 +201,9 @@ def test_a_focused_set_asks_only_the_named_types_of_the_full_sets_scenes(tmp_pat
     assert json.loads((tmp_path / "focus" / "summary.json").read_text())["ask"] == ["shape", "count"]
     with pytest.raises(ValueError, match="unknown question type closest_size"):
         generate_shapes(tmp_path / "bad", n=2, ask="shape,closest_size")
+    assert question_types(" shape, count,") == ("shape", "count")  # a trailing comma or spaces are not a type
+    with pytest.raises(ValueError, match=r"unknown question type \(none\)"):
+        question_types(" , ")
 
 
 def turns(chat: dict) -> list[tuple[str, str]]:

@@ -262,9 +262,9 @@ def generate_shapes(
 
 def question_types(names: str | tuple[str, ...]) -> tuple[str, ...]:
     """Question types to ask, from a tuple or comma-separated text; ValueError naming any that do not exist."""
-    names = tuple(n.strip() for n in names.split(",")) if isinstance(names, str) else tuple(names)
+    names = tuple(n.strip() for n in names.split(",") if n.strip()) if isinstance(names, str) else tuple(names)
     unknown = [name for name in names if name not in (*QUESTION_TYPES, CAPTION)]
-    if unknown or not any(names):
+    if unknown or not names:
         raise ValueError(
             f"unknown question type {', '.join(unknown) or '(none)'}; choose from {', '.join(QUESTION_TYPES)}, {CAPTION}"
         )
