@@ -174,11 +174,11 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from exc
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_keys)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml_unique(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except Exception as exc:  # both yaml and json raise their own error classes
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}") from exc
     if data is None:
@@ -186,6 +186,33 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return data
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"key {', '.join(map(repr, repeated))} is given twice; keep one of them")
+    return dict(pairs)
+
+
+def _load_yaml_unique(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML's own rule is that the
+    last one wins, which silently drops a whole `train:` block written twice."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise ConfigError(f"line {line}: key {key!r} is given twice (first on line {seen[key]}); keep one")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def write_mapping(data: dict[str, Any], path: str | Path) -> None:

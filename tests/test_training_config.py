@@ -63,6 +63,29 @@ def test_bad_overrides_name_the_key_and_suggest(run_yaml, override, message):
         RunConfig.load(run_yaml, [override])
 
 
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        # YAML's own rule keeps the last one: the first train: block, and its lr, would vanish without a word.
+        ("run.yaml", "train:\n  lr: 1.0e-3\nmodel:\n  d_model: 64\ntrain:\n  max_steps: 5\n", "line 5: key 'train'"),
+        ("run.yaml", "train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "line 3: key 'lr' is given twice \\(first on line 2\\)"),
+        ("run.json", '{"train": {"lr": 0.001, "lr": 0.002}}', "key 'lr' is given twice"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{name}: {message}"):
+        RunConfig.load(path)
+
+
+def test_the_same_key_in_different_sections_is_fine(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  seed: 3\ntrain:\n  seed: 4\n")
+    run = RunConfig.load(path)
+    assert (run.data.seed, run.train.seed) == (3, 4)
+
+
 def test_model_may_be_given_as_a_preset_name():
     run = RunConfig.from_dict({"model": "transformer-nano"})
     assert run.model.preset == "transformer-nano" and run.model.layer_pattern == "A"
