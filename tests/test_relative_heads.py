@@ -19,19 +19,19 @@ GRID = 4  # a 4 x 4 patch grid: patch index = row * 4 + col
 LOWEST = [0, PLACE_FREQUENCIES, 2 * PLACE_FREQUENCIES, 3 * PLACE_FREQUENCIES]  # cos and sin of pi * u, both axes
 
 
-def relative_layer(window: int = 1) -> GatedCrossAttention:
+def relative_layer() -> GatedCrossAttention:
     cfg = tiny_config(
         "apertis-nano", image_encoder="vit", image_patch_size=8, image_token_id=5, cross_attn_every=1,
-        cross_attn_relative_heads=1, cross_attn_relative_window=window,
+        cross_attn_relative_heads=1,
     )  # fmt: skip
     return GatedCrossAttention(cfg).eval()
 
 
-def steered_layer(lowest_weight: float, window: int = 1) -> GatedCrossAttention:
+def steered_layer(lowest_weight: float) -> GatedCrossAttention:
     """Ordinary head 0 looks at whichever patch is large in the first coordinate, the other ordinary heads and
     the relative head have no query (the relative head reads by place only, with `lowest_weight` on the lowest
     frequency's features: above 0 prefers the place head 0 looks at, below 0 the place farthest from it)."""
-    layer = relative_layer(window)
+    layer = relative_layer()
     with torch.no_grad():
         layer.q.weight.zero_()
         layer.q.weight[0] = 10.0 / layer.q.in_features  # head 0's query is (10, 0, ...) for a text of ones
@@ -166,19 +166,3 @@ def test_the_exclusion_weights_learn():
     read, _ = layer(torch.randn(1, 20, 32), memory)
     read.square().sum().backward()
     assert (layer.relative.exclusion.grad != 0).all()
-
-
-def test_with_a_window_the_second_look_is_measured_from_the_sharpest_recent_first_look():
-    text = torch.ones(1, GRID * GRID + 4, 32)
-    text[0, -1, 1::2] = -1.0  # the last position's query is 0: ordinary head 0 looks everywhere alike there
-    far_corner = {0: 15, 3: 12}
-    for found, corner in far_corner.items():
-        memory = look_at(found)
-        for window, expected in ((1, None), (2, corner), (4, corner)):
-            with torch.no_grad():
-                weights = steered_layer(-1.0, window).attention_weights(text, memory)[0, :, -1, 1:]
-            assert weights[0].max() < 2 / (GRID * GRID)  # no first look at the last position itself
-            if expected is None:  # measured from the middle of the picture: no one corner is farthest
-                assert weights[-1].max() < 0.5
-            else:  # from the look one position earlier, where head 0 found the patch
-                assert int(weights[-1].argmax()) == expected and weights[-1].max() > 0.5

@@ -117,9 +117,6 @@ class ModelConfig:
     # gets -gamma times its ordinary head's score there (gamma learned per head, starting at g on even heads and 0
     # on odd ones), so "closest to the red object" does not peak on the red object; 0 = no such term.
     cross_attn_relative_exclude: float = 0.0
-    # Where the relative heads measure from: the sharpest look of their ordinary head among the last W positions
-    # (1 = the current one). The named object is looked up at its colour word, a few tokens before the answer.
-    cross_attn_relative_window: int = 1
 
     # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
     # small confidence head decides per token whether another pass is needed. Off (1): it did not pay at nano scale.
@@ -237,14 +234,6 @@ class ModelConfig:
                     and (self.cross_attn_relative_heads or not self.cross_attn_relative_exclude)
                 ),
                 "cross_attn_relative_exclude must be >= 0 (0 = off), and above 0 only with cross_attn_relative_heads",
-            ),
-            (
-                lambda: (
-                    1 <= self.cross_attn_relative_window <= 64
-                    and (self.cross_attn_relative_heads or self.cross_attn_relative_window == 1)
-                ),
-                "cross_attn_relative_window must be between 1 and 64 (1 = the current position), and above 1 only "
-                "with cross_attn_relative_heads",
             ),
             (
                 lambda: not self.image_distance_bias or self.image_encoder == "vit",

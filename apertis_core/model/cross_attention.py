@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import PLACE_FREQUENCIES, ModelConfig
 from .layers import RMSNorm, mark_residual_output, rms_normalize
-from .relative_heads import LOOK_KEYS, RelativeHeads
+from .relative_heads import RelativeHeads
 
 NEVER = torch.iinfo(torch.long).max  # the position of a padding entry: no query is ever at or after it
 
@@ -65,13 +65,7 @@ class GatedCrossAttention(nn.Module):
         self.heads, self.head_dim = cfg.n_heads + cfg.cross_attn_relative_heads, cfg.dim_head()
         relative = cfg.cross_attn_relative_heads
         self.relative = (
-            RelativeHeads(
-                relative,
-                PLACE_FREQUENCIES,
-                cfg.cross_attn_relative_init,
-                cfg.cross_attn_relative_exclude,
-                cfg.cross_attn_relative_window,
-            )
+            RelativeHeads(relative, PLACE_FREQUENCIES, cfg.cross_attn_relative_init, cfg.cross_attn_relative_exclude)
             if relative
             else None
         )
@@ -106,7 +100,6 @@ class GatedCrossAttention(nn.Module):
         state = {"k": empty, "v": empty.clone(), "kpos": positions, "pos": 0}
         if self.relative is not None:
             state["places"] = torch.zeros(batch_size, 0, 4 * PLACE_FREQUENCIES, device=device)
-            state |= self.relative.empty_looks(batch_size, self.head_dim, device, dtype)
         return state
 
     @staticmethod
@@ -121,7 +114,6 @@ class GatedCrossAttention(nn.Module):
                 "pos": torch.as_tensor(s["pos"], device=s["kpos"].device).expand(s["k"].shape[0]),
             }
             | ({"places": F.pad(s["places"], (0, 0, 0, longest - s["k"].shape[2]))} if "places" in s else {})
-            | {name: s[name] for name in LOOK_KEYS if name in s}
             for s in states
         ]
         return {name: torch.cat([s[name] for s in padded]) for name in padded[0]}
@@ -141,7 +133,7 @@ class GatedCrossAttention(nn.Module):
         }
         if "places" in state:
             selected["places"] = state["places"][rows, :used]
-        return selected | {name: state[name][rows] for name in LOOK_KEYS if name in state}
+        return selected
 
     def _keys(self, memory: ImageMemory, past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Keys, values, sequence positions and (with relative heads, else None) places of the memory's patches."""
@@ -176,20 +168,12 @@ class GatedCrossAttention(nn.Module):
             k, v, kpos, places = state["k"], state["v"], state["kpos"], state.get("places")
         else:
             return None, None
-        new_state = None
-        if state is not None:
-            looks = {name: state[name] for name in LOOK_KEYS if name in state}
-            new_state = {"k": k, "v": v, "kpos": kpos, "pos": pos + x.shape[1]} | looks
-            if places is not None:
-                new_state["places"] = places
+        new_state = None if state is None else {"k": k, "v": v, "kpos": kpos, "pos": pos + x.shape[1]}
+        if new_state is not None and places is not None:
+            new_state["places"] = places
         if k.shape[2] == 0:
-            # No image yet: the output would be exactly 0, and a look history that stays as it was picks the same
-            # looks later as one holding these positions' (all sharpness 0: nothing to look at).
-            return None, new_state
-        read, later = self._attend(x, k, v, kpos, past, places, None if new_state is None else new_state)
-        if new_state is not None:
-            new_state |= later
-        return read, new_state
+            return None, new_state  # no image yet: the output would be exactly 0
+        return self._attend(x, k, v, kpos, past, places), new_state
 
     def _inputs(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, past: torch.Tensor
@@ -214,18 +198,15 @@ class GatedCrossAttention(nn.Module):
         kpos: torch.Tensor,
         past: torch.Tensor,
         places: torch.Tensor | None = None,
-        state: dict | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """(what to add to x, (B, T, D); the relative heads' look history after x, {} without one)."""
+    ) -> torch.Tensor:
         q, k, v, mask = self._inputs(x, k, v, kpos, past)
         ordinary = self.heads - (0 if self.relative is None else len(self.relative.weights))
         read = F.scaled_dot_product_attention(q[:, :ordinary], k[:, :ordinary], v[:, :ordinary], attn_mask=mask)
-        later = {}
         if self.relative is not None:
-            query, key, later = self.relative.extend(q, k, places, mask, state)
+            query, key = self.relative.extend(q, k, places, mask)
             second = F.scaled_dot_product_attention(query, key, v[:, ordinary:], attn_mask=mask, scale=1.0)
             read = torch.cat([read, second], 1)
-        return torch.tanh(self.gate).to(x.dtype) * self.out(read.transpose(1, 2).flatten(-2)), later
+        return torch.tanh(self.gate).to(x.dtype) * self.out(read.transpose(1, 2).flatten(-2))  # (B, T, D)
 
     def attention_weights(self, x: torch.Tensor, memory: ImageMemory) -> torch.Tensor:
         """(B, H, T, 1 + M): what share each head (the ordinary ones, then the relative ones) at each position
@@ -236,7 +217,7 @@ class GatedCrossAttention(nn.Module):
         q, k, _, mask = self._inputs(x, k, v, kpos, start)
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # the scale SDPA uses
         if self.relative is not None:
-            query, key, _ = self.relative.extend(q, k, places, mask)
+            query, key = self.relative.extend(q, k, places, mask)
             relative = query @ key.transpose(-1, -2)
             scores = torch.cat([scores[:, : -relative.shape[1]], relative], 1)
         return scores.masked_fill(~mask, float("-inf")).softmax(-1)

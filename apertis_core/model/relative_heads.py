@@ -18,13 +18,6 @@ A "closest" profile peaks on the found object itself, which the answer must skip
 on each patch (one more block of the same dot product: query -gamma * q_r, key k_r), gamma learned per head and
 starting at g on the closest heads and 0 on the farthest: the patches that made the first look are pushed down
 in the second.
-
-Where the first look is made depends on the question's words: in "... closest to the red object?" the red
-object is looked up at "red", a few tokens before the answer, and at the answer itself only once relational
-questions have been trained a long while (docs/MULTIMODAL.md). With `cross_attn_relative_window` W > 1 a
-relative head measures from the sharpest look of its ordinary head (the largest share on one patch) among the
-last W positions, and takes that position's query for the exclusion term too. For step-by-step decoding the
-last W - 1 positions' looks ride in the generation state (`LOOK_KEYS`).
 """
 
 from __future__ import annotations
@@ -38,19 +31,14 @@ import torch.nn.functional as F
 # The weights are read at this multiple: AdamW moves a parameter by about the learning rate per step whatever
 # its gradient's size, and the place term must reach a few units within a few hundred steps to pick one object.
 WEIGHT_SCALE = 8.0
-# The state entries that carry the last window - 1 positions' looks: sharpness (B, R, W - 1), the place features
-# read (B, R, W - 1, F) and the ordinary heads' queries (B, R, W - 1, Dh).
-LOOK_KEYS = ("look_sharpness", "look_places", "look_queries")
 
 
 class RelativeHeads(nn.Module):
     """The place weights of R relative heads; the heads' own q, k, v come from the cross-attention's projections."""
 
-    def __init__(
-        self, heads: int, frequencies: int, profile_strength: float = 0.0, exclude: float = 0.0, window: int = 1
-    ):
+    def __init__(self, heads: int, frequencies: int, profile_strength: float = 0.0, exclude: float = 0.0):
         super().__init__()
-        self.frequencies, self.profile_strength, self.window = frequencies, profile_strength, window
+        self.frequencies, self.profile_strength = frequencies, profile_strength
         self.weights = nn.Parameter(torch.zeros(heads, 4 * frequencies))
         self.reset()
         self.exclusion = None
@@ -71,66 +59,24 @@ class RelativeHeads(nn.Module):
         """What a run may hold at its start value with the place maps (train.places_frozen_steps)."""
         return [self.weights]
 
-    def empty_looks(self, batch_size: int, head_dim: int, device, dtype) -> dict:
-        """The look history before any position (`LOOK_KEYS`; none with a window of 1): sharpness -1 loses to
-        any real look."""
-        if self.window == 1:
-            return {}
-        shape = (batch_size, len(self.weights), self.window - 1)
-        return {
-            "look_sharpness": torch.full(shape, -1.0, device=device, dtype=dtype),
-            "look_places": torch.zeros(*shape, 4 * self.frequencies, device=device, dtype=dtype),
-            "look_queries": torch.zeros(*shape, head_dim, device=device, dtype=dtype),
-        }
-
     def extend(
-        self, q: torch.Tensor, k: torch.Tensor, places: torch.Tensor, mask: torch.Tensor, looks: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self, q: torch.Tensor, k: torch.Tensor, places: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B, H, T, Dh) all heads' queries, the R relative ones last; k: (B, H, 1 + M, Dh) keys after the
-        "attend to nothing" slot; places: (B, M, F) each patch's place features; mask: (B, 1, T, 1 + M); looks:
-        the look history from the generation state (`empty_looks` when None) -> the relative heads' queries and
-        keys, (B, R, T, Dh + F) and (B, R, 1 + M, Dh + F) (2 * Dh + F with the exclusion term), whose plain dot
-        product (no further scaling) is their attention score, and the look history after these positions."""
+        "attend to nothing" slot; places: (B, M, F) each patch's place features; mask: (B, 1, T, 1 + M) ->
+        the relative heads' queries and keys, (B, R, T, Dh + F) and (B, R, 1 + M, Dh + F) (2 * Dh + F with the
+        exclusion term), whose plain dot product (no further scaling) is their attention score."""
         heads = len(self.weights)
         patch_places = F.pad(places.to(q.dtype), (0, 0, 1, 0))[:, None].expand(-1, heads, -1, -1)  # nothing: 0
-        followed, followed_keys = q[:, :heads], k[:, :heads]
-        if self.window == 1:
-            # Where ordinary heads 0..R-1 look, as the place features they read (less what the nothing slot took).
-            looked_at = F.scaled_dot_product_attention(followed, followed_keys, patch_places, attn_mask=mask)
-            later = {}
-        else:
-            if looks is None:
-                looks = self.empty_looks(q.shape[0], q.shape[-1], q.device, q.dtype)
-            looked_at, followed, later = self._sharpest_looks(followed, followed_keys, patch_places, mask, looks)
+        # Where ordinary heads 0..R-1 look, as the place features they read (less what the nothing slot took).
+        looked_at = F.scaled_dot_product_attention(q[:, :heads], k[:, :heads], patch_places, attn_mask=mask)
         scaled = looked_at * (WEIGHT_SCALE * self.weights.to(q.dtype))[:, None]  # (B, R, T, F)
         scale = q.shape[-1] ** -0.5
         query, key = [q[:, -heads:] * scale, scaled], [k[:, -heads:], patch_places]
         if self.exclusion is not None:  # minus gamma times what ordinary head r scores each patch
-            query.append(followed * (-scale * self.exclusion.to(q.dtype))[:, None, None])
-            key.append(followed_keys)
-        return torch.cat(query, -1), torch.cat(key, -1), later
-
-    def _sharpest_looks(
-        self, q: torch.Tensor, k: torch.Tensor, patch_places: torch.Tensor, mask: torch.Tensor, looks: dict
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Per position, the place features and query of the followed head's sharpest look among the last
-        `window` positions (the latest of equals), and the look history after these positions."""
-        weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
-        now = {
-            "look_sharpness": weights[..., 1:].amax(-1),  # (B, R, T): the largest share on one patch
-            "look_places": weights @ patch_places,  # (B, R, T, F)
-            "look_queries": q,
-        }
-        seen = {name: torch.cat([looks[name].to(q.dtype), now[name]], 2) for name in LOOK_KEYS}  # W - 1 + T
-        windows = seen["look_sharpness"].unfold(2, self.window, 1)  # (B, R, T, W), oldest first
-        best = self.window - 1 - windows.flip(-1).argmax(-1)  # flipped: argmax's first of equals is the latest
-        index = (best + torch.arange(q.shape[2], device=q.device))[..., None]  # (B, R, T, 1) into `seen`
-
-        def pick(name: str) -> torch.Tensor:
-            return seen[name].gather(2, index.expand(-1, -1, -1, seen[name].shape[-1]))
-
-        later = {name: seen[name][:, :, -(self.window - 1) :] for name in LOOK_KEYS}
-        return pick("look_places"), pick("look_queries"), later
+            query.append(q[:, :heads] * (-scale * self.exclusion.to(q.dtype))[:, None, None])
+            key.append(k[:, :heads])
+        return torch.cat(query, -1), torch.cat(key, -1)
 
 
 def distance_profile(frequencies: int, strength: float) -> torch.Tensor:
