@@ -57,9 +57,8 @@ def with_images(*images, text=(10, 11, 12, 13, 14)):
 def test_step_after_the_prompt_matches_the_parallel_forward(preset, image_pos):
     pos, places, relative = image_pos.split("+")[0], image_pos.endswith("+places"), image_pos.endswith("+relative")
     config = image_config(
-        preset, cross_attn_every=2, image_pos=pos, cross_attn_pos=places, cross_attn_relative_heads=2 * relative,
-        cross_attn_relative_exclude=0.7 * relative,
-    )  # fmt: skip
+        preset, cross_attn_every=2, image_pos=pos, cross_attn_pos=places, cross_attn_relative_heads=2 * relative
+    )
     model = open_gates(ApertisModel(config).eval())
     images = [torch.rand(3, 8, 32), torch.rand(3, 16, 16)]
     ids = with_images(*images)
@@ -168,10 +167,6 @@ def test_bad_settings_are_clear_config_errors():
         image_config(cross_attn_every=1, cross_attn_relative_init=20.0)  # no relative heads to start
     with pytest.raises(ConfigError, match="cross_attn_relative_init must be >= 0"):
         image_config(cross_attn_every=1, cross_attn_relative_heads=2, cross_attn_relative_init=-1.0)
-    with pytest.raises(ConfigError, match="cross_attn_relative_exclude .* only with cross_attn_relative_heads"):
-        image_config(cross_attn_every=1, cross_attn_relative_exclude=1.0)
-    with pytest.raises(ConfigError, match="cross_attn_relative_exclude must be >= 0"):
-        image_config(cross_attn_every=1, cross_attn_relative_heads=2, cross_attn_relative_exclude=-1.0)
     assert image_config().override(["cross_attn_every=2", "image_pos=rope2d"]).cross_attn_every == 2
 
 
@@ -209,7 +204,7 @@ def cross_bundle(tmp_path):
     tokenizer = Tokenizer.byte_level()
     config = image_config(
         vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id, max_seq_len=128,
-        cross_attn_every=1, image_pos="rope2d", cross_attn_relative_heads=2, cross_attn_relative_exclude=1.0,
+        cross_attn_every=1, image_pos="rope2d", cross_attn_relative_heads=2,
     )  # fmt: skip
     save_bundle(tmp_path / "vlm", open_gates(ApertisModel(config).eval(), 0.5), tokenizer)
     Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "red.png")
@@ -223,7 +218,6 @@ def test_bundles_with_the_new_fields_load_in_the_cli_and_chat(cross_bundle, monk
     model, _ = load_bundle(folder)
     assert model.blocks[0].xattn.gate.item() == 0.5
     assert model.blocks[0].xattn.relative.weights.abs().sum() > 0  # open_gates' weights, saved and loaded
-    assert model.blocks[0].xattn.relative.exclusion.tolist() == [1.0, 0.0]  # closest head skips, farthest not
     common = ["--model", str(folder), "--max-new-tokens", "4", "--temperature", "0"]
     assert main(["generate", *common, "--prompt", "colour?", "--image", str(picture), "--chat"]) == 0
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {picture}\nwhat is it?\nand now?\n"))

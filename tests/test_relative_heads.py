@@ -2,8 +2,8 @@
 
 Relative head r reads the picture around where ordinary head r looks. These tests steer ordinary head 0 onto
 one patch and check that the relative head's attention follows it, to the farthest patch or to the same place
-as its weights say, or next to it with the exclusion term; that with weights at zero it is an ordinary head;
-and that what it reads trains where head 0 looks (the first look learns from relational answers).
+as its weights say; that with weights at zero it is an ordinary head; and that what it reads trains where
+head 0 looks (the first look learns from relational answers).
 """
 
 import torch
@@ -111,58 +111,22 @@ def test_distance_profiles_score_the_squared_offset_from_the_first_look():
         assert torch.allclose((places[found] * places * closest).sum(-1), -score)
 
 
-def profile_config(exclude: float = 0.0):
-    """Two relative heads started at the distance profiles, with the exclusion term when `exclude` > 0."""
-    return tiny_config(
+def test_profile_started_heads_look_at_the_found_place_and_farthest_from_it():
+    cfg = tiny_config(
         "apertis-nano", image_encoder="vit", image_patch_size=8, image_token_id=5, cross_attn_every=1,
-        cross_attn_relative_heads=2, cross_attn_relative_init=20.0, cross_attn_relative_exclude=exclude,
+        cross_attn_relative_heads=2, cross_attn_relative_init=20.0,
     )  # fmt: skip
-
-
-def profile_started_layer(exclude: float = 0.0) -> GatedCrossAttention:
-    """Two relative heads at the distance profiles, following ordinary heads 0 and 1, which both look at
-    whichever patch is large in the first coordinate."""
-    layer = GatedCrossAttention(profile_config(exclude)).eval()
+    layer = GatedCrossAttention(cfg).eval()
     with torch.no_grad():
         layer.q.weight.zero_()
         layer.kv.weight.zero_()
-        for head in (0, 1):
+        for head in (0, 1):  # both followed heads look at whichever patch is large in the first coordinate
             layer.q.weight[head * layer.head_dim] = 10.0 / layer.q.in_features
             layer.kv.weight[head * layer.head_dim, 0] = 1.0
-    return layer
-
-
-def relative_looks(layer: GatedCrossAttention, found: int) -> torch.Tensor:
-    """(2, M): the two relative heads' attention over the patches at the last position."""
-    with torch.no_grad():
-        return layer.attention_weights(torch.ones(1, GRID * GRID + 2, 32), look_at(found))[0, -2:, -1, 1:]
-
-
-def test_profile_started_heads_look_at_the_found_place_and_farthest_from_it():
-    layer = profile_started_layer()
-    assert [int(w.argmax()) for w in relative_looks(layer, 5)] == [5, 15]  # closest: the place itself; farthest
+        weights = layer.attention_weights(torch.ones(1, GRID * GRID + 2, 32), look_at(5))[0, :, -1, 1:]
+    assert [int(w.argmax()) for w in weights[-2:]] == [5, 15]  # closest: the place itself; farthest: a corner
     start = layer.relative.weights.detach().clone()
     with torch.no_grad():
         layer.relative.weights.add_(1.0)
     layer.reset_place()
     assert torch.equal(layer.relative.weights, start)  # the start value is the profile, not zero
-
-
-def test_the_exclusion_term_moves_the_closest_look_off_the_found_object_to_its_neighbours():
-    layer = profile_started_layer(exclude=1.0)
-    assert layer.relative.exclusion.tolist() == [1.0, 0.0]  # closest heads start skipping, farthest heads not
-    for found in (5, 10):
-        closest, farthest = relative_looks(layer, found)
-        row, col = divmod(int(closest.argmax()), GRID)
-        assert abs(row - found // GRID) + abs(col - found % GRID) == 1  # a patch next to the found one
-        assert closest[found] < 0.01  # which itself gets next to nothing (without the term: the most)
-        assert int(farthest.argmax()) == (15 if found == 5 else 0)  # the farthest head is as it was
-
-
-def test_the_exclusion_weights_learn():
-    torch.manual_seed(0)
-    layer = GatedCrossAttention(profile_config(exclude=1.0))
-    memory = ImageMemory(torch.randn(1, 16, 32), torch.arange(16)[None], patch_places(GRID, GRID, "cpu")[None])
-    read, _ = layer(torch.randn(1, 20, 32), memory)
-    read.square().sum().backward()
-    assert (layer.relative.exclusion.grad != 0).all()

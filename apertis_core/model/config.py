@@ -113,10 +113,6 @@ class ModelConfig:
     # profiles, even heads -c * offset^2 per axis ("closest"), odd heads +c * offset^2 ("farthest"), offsets in
     # fractions of the picture (model/relative_heads.py).
     cross_attn_relative_init: float = 0.0
-    # The closest heads' skip of the found object itself: with g > 0 every relative head's score on a patch also
-    # gets -gamma times its ordinary head's score there (gamma learned per head, starting at g on even heads and 0
-    # on odd ones), so "closest to the red object" does not peak on the red object; 0 = no such term.
-    cross_attn_relative_exclude: float = 0.0
 
     # Looped depth (docs/LOOPED.md): the loop_blocks group runs up to max_loops times with shared weights, and a
     # small confidence head decides per token whether another pass is needed. Off (1): it did not pay at nano scale.
@@ -227,13 +223,6 @@ class ModelConfig:
                     and (self.cross_attn_relative_heads or not self.cross_attn_relative_init)
                 ),
                 "cross_attn_relative_init must be >= 0 (0 = start at zero), and above 0 only with cross_attn_relative_heads",
-            ),
-            (
-                lambda: (
-                    self.cross_attn_relative_exclude >= 0
-                    and (self.cross_attn_relative_heads or not self.cross_attn_relative_exclude)
-                ),
-                "cross_attn_relative_exclude must be >= 0 (0 = off), and above 0 only with cross_attn_relative_heads",
             ),
             (
                 lambda: not self.image_distance_bias or self.image_encoder == "vit",

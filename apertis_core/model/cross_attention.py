@@ -64,11 +64,7 @@ class GatedCrossAttention(nn.Module):
         # The relative heads (relative_heads.py) come after the ordinary ones and share their projections.
         self.heads, self.head_dim = cfg.n_heads + cfg.cross_attn_relative_heads, cfg.dim_head()
         relative = cfg.cross_attn_relative_heads
-        self.relative = (
-            RelativeHeads(relative, PLACE_FREQUENCIES, cfg.cross_attn_relative_init, cfg.cross_attn_relative_exclude)
-            if relative
-            else None
-        )
+        self.relative = RelativeHeads(relative, PLACE_FREQUENCIES, cfg.cross_attn_relative_init) if relative else None
         self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps  # as in the softmax layers: steadier at high lr
         inner = self.heads * self.head_dim
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

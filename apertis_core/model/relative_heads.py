@@ -12,12 +12,6 @@ function of how far each patch is from the found object, such as -(row offset^2 
 attention. The weights start at 0, where a relative head is one more ordinary head, or, with
 `cross_attn_relative_init` c > 0, at those two profiles: even heads -c * offset^2 per axis (closest), odd heads
 +c * offset^2 (farthest), so a run need not find the shape of "near" and "far" before it can use them.
-
-A "closest" profile peaks on the found object itself, which the answer must skip. With
-`cross_attn_relative_exclude` g > 0 each relative head also subtracts gamma times its ordinary head's own score
-on each patch (one more block of the same dot product: query -gamma * q_r, key k_r), gamma learned per head and
-starting at g on the closest heads and 0 on the farthest: the patches that made the first look are pushed down
-in the second.
 """
 
 from __future__ import annotations
@@ -36,16 +30,11 @@ WEIGHT_SCALE = 8.0
 class RelativeHeads(nn.Module):
     """The place weights of R relative heads; the heads' own q, k, v come from the cross-attention's projections."""
 
-    def __init__(self, heads: int, frequencies: int, profile_strength: float = 0.0, exclude: float = 0.0):
+    def __init__(self, heads: int, frequencies: int, profile_strength: float = 0.0):
         super().__init__()
         self.frequencies, self.profile_strength = frequencies, profile_strength
         self.weights = nn.Parameter(torch.zeros(heads, 4 * frequencies))
         self.reset()
-        self.exclusion = None
-        if exclude:
-            self.exclusion = nn.Parameter(torch.zeros(heads))
-            with torch.no_grad():
-                self.exclusion[0::2] = exclude
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -64,19 +53,15 @@ class RelativeHeads(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B, H, T, Dh) all heads' queries, the R relative ones last; k: (B, H, 1 + M, Dh) keys after the
         "attend to nothing" slot; places: (B, M, F) each patch's place features; mask: (B, 1, T, 1 + M) ->
-        the relative heads' queries and keys, (B, R, T, Dh + F) and (B, R, 1 + M, Dh + F) (2 * Dh + F with the
-        exclusion term), whose plain dot product (no further scaling) is their attention score."""
+        the relative heads' queries and keys, (B, R, T, Dh + F) and (B, R, 1 + M, Dh + F), whose plain dot
+        product (no further scaling) is their attention score."""
         heads = len(self.weights)
         patch_places = F.pad(places.to(q.dtype), (0, 0, 1, 0))[:, None].expand(-1, heads, -1, -1)  # nothing: 0
         # Where ordinary heads 0..R-1 look, as the place features they read (less what the nothing slot took).
         looked_at = F.scaled_dot_product_attention(q[:, :heads], k[:, :heads], patch_places, attn_mask=mask)
         scaled = looked_at * (WEIGHT_SCALE * self.weights.to(q.dtype))[:, None]  # (B, R, T, F)
-        scale = q.shape[-1] ** -0.5
-        query, key = [q[:, -heads:] * scale, scaled], [k[:, -heads:], patch_places]
-        if self.exclusion is not None:  # minus gamma times what ordinary head r scores each patch
-            query.append(q[:, :heads] * (-scale * self.exclusion.to(q.dtype))[:, None, None])
-            key.append(k[:, :heads])
-        return torch.cat(query, -1), torch.cat(key, -1)
+        query = torch.cat([q[:, -heads:] * q.shape[-1] ** -0.5, scaled], -1)
+        return query, torch.cat([k[:, -heads:], patch_places], -1)
 
 
 def distance_profile(frequencies: int, strength: float) -> torch.Tensor:
