@@ -75,8 +75,10 @@ def test_step_after_the_prompt_matches_the_parallel_forward(preset, image_pos):
     assert (full[0, -3:] - torch.stack(stepped)).abs().max() <= 1e-4
 
 
-def test_batched_decoding_gives_each_prompt_what_it_gets_alone():
-    model = open_gates(ApertisModel(image_config("apertis-hybrid-nano", cross_attn_every=1)).eval())
+@pytest.mark.parametrize("relative_heads", [0, 2])
+def test_batched_decoding_gives_each_prompt_what_it_gets_alone(relative_heads):
+    config = image_config("apertis-hybrid-nano", cross_attn_every=1, cross_attn_relative_heads=relative_heads)
+    model = open_gates(ApertisModel(config).eval())
     images = [[torch.rand(3, 8, 32)], [torch.rand(3, 16, 16), torch.rand(3, 8, 8)], None]
     prompts = [with_images(*(found or []))[0].tolist() for found in images]
     config = GenerationConfig(max_new_tokens=6, temperature=0.0, repetition_penalty=1.0)
