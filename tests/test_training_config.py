@@ -86,6 +86,16 @@ def test_the_same_key_in_different_sections_is_fine(tmp_path):
     assert (run.data.seed, run.train.seed) == (3, 4)
 
 
+@pytest.mark.parametrize("start", ["init_from=runs/base/final", "finetune.base=runs/base/final"])
+def test_model_settings_for_a_run_that_starts_from_a_bundle_are_refused_not_dropped(run_yaml, start):
+    with pytest.raises(ConfigError, match="--set model.n_layers: this run starts from the bundle runs/base/final"):
+        RunConfig.load(run_yaml, [start, "model.n_layers=2"])
+    started = RunConfig.load(run_yaml, [start, "train.lr=1e-3"])  # other settings still apply
+    assert started.train.lr == 1e-3
+    with pytest.raises(ConfigError, match="model settings have no effect"):
+        started.override(["model.cross_attn_every=1"])  # also when the bundle was named earlier
+
+
 def test_model_may_be_given_as_a_preset_name():
     run = RunConfig.from_dict({"model": "transformer-nano"})
     assert run.model.preset == "transformer-nano" and run.model.layer_pattern == "A"

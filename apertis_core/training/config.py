@@ -196,7 +196,8 @@ def merge_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, 
     defaults, and leaves all type checks and unknown-key suggestions to the one parser.
     """
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in mapping.items()}
-    for key, value in parse_set_args(overrides).items():
+    settings = parse_set_args(overrides)
+    for key, value in settings.items():
         head, _, rest = key.partition(".")
         if not rest:
             merged[head] = value
@@ -209,6 +210,15 @@ def merge_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, 
         if "." in rest:
             raise ConfigError(f"--set {key}: settings are at most two levels deep (section.key)")
         section[rest] = value
+    finetune = merged.get("finetune")
+    bundle = merged.get("init_from") or (finetune.get("base") if isinstance(finetune, dict) else "")
+    model_keys = [key for key in settings if key.partition(".")[0] == "model"]
+    if bundle and model_keys:
+        # Otherwise the setting would be dropped without a word: the run builds the bundle's architecture.
+        raise ConfigError(
+            f"--set {model_keys[0]}: this run starts from the bundle {bundle} and trains its architecture, so "
+            "model settings have no effect; drop them, or leave out init_from / finetune.base for a new model"
+        )
     return merged
 
 
