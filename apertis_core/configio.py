@@ -11,6 +11,7 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,6 +207,8 @@ def _load_yaml_unique(text: str) -> Any:
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # yaml's own construct_mapping refuses it, naming the line
                 if key in seen:
                     line = key_node.start_mark.line + 1
                     raise ConfigError(f"line {line}: key {key!r} is given twice (first on line {seen[key]}); keep one")

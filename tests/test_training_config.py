@@ -70,9 +70,14 @@ def test_bad_overrides_name_the_key_and_suggest(run_yaml, override, message):
         ("run.yaml", "train:\n  lr: 1.0e-3\nmodel:\n  d_model: 64\ntrain:\n  max_steps: 5\n", "line 5: key 'train'"),
         ("run.yaml", "train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "line 3: key 'lr' is given twice \\(first on line 2\\)"),
         ("run.json", '{"train": {"lr": 0.001, "lr": 0.002}}', "key 'lr' is given twice"),
+        (
+            "run.yaml",
+            "? [a, b]\n: 1\n",
+            r"not valid YAML: [\s\S]*line 1[\s\S]*found unhashable key",
+        ),  # refused by yaml itself
     ],
 )
-def test_a_key_given_twice_is_an_error_naming_it(tmp_path, name, text, message):
+def test_a_key_given_twice_or_unhashable_is_an_error_naming_it(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"{name}: {message}"):
